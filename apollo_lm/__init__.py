@@ -1,0 +1,1 @@
+"""LLaMA pre-training stack (model, data, training) for the APOLLO experiments."""
