@@ -1,0 +1,41 @@
+"""apollo_optax: APOLLO and APOLLO-Mini as Optax gradient transformations.
+
+APOLLO (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance",
+MLSys 2025) keeps Adam moments of a random low-rank projection of each weight
+gradient and uses them only to estimate a channel-wise (or tensor-wise) scale
+for the raw gradient.
+"""
+
+from apollo_optax._src.adam import scale_by_adam_bias_correction
+from apollo_optax._src.adam import scale_by_adam_moments
+from apollo_optax._src.adam import ScaleByAdamBiasCorrectionState
+from apollo_optax._src.adam import ScaleByAdamMomentsState
+from apollo_optax._src.alias import apollo
+from apollo_optax._src.alias import apollo_mini
+from apollo_optax._src.alias import default_lowrank_mask
+from apollo_optax._src.dimension_numbers import ApolloDimensionNumbers
+from apollo_optax._src.limiter import norm_growth_limiter
+from apollo_optax._src.limiter import NormGrowthLimiterState
+from apollo_optax._src.memory import state_bytes
+from apollo_optax._src.projection import gaussian_projection
+from apollo_optax._src.scale_by_apollo import scale_by_apollo
+from apollo_optax._src.scale_by_apollo import ScaleByApolloState
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ApolloDimensionNumbers",
+    "NormGrowthLimiterState",
+    "ScaleByAdamBiasCorrectionState",
+    "ScaleByAdamMomentsState",
+    "ScaleByApolloState",
+    "apollo",
+    "apollo_mini",
+    "default_lowrank_mask",
+    "gaussian_projection",
+    "norm_growth_limiter",
+    "scale_by_adam_bias_correction",
+    "scale_by_adam_moments",
+    "scale_by_apollo",
+    "state_bytes",
+)

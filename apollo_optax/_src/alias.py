@@ -1,0 +1,294 @@
+"""APOLLO and APOLLO-Mini: the optimizers, as chains of small transformations."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import base
+
+from apollo_optax._src import adam
+from apollo_optax._src import dimension_numbers as dn
+from apollo_optax._src import limiter
+from apollo_optax._src import projection as proj
+from apollo_optax._src import scale_by_apollo as sba
+from apollo_optax._src import utils
+
+# Path keys of leaves that stay on Adam: embeddings and output heads (as in the
+# paper: only attention and MLP weights are low-rank), and norm parameters
+# (which become 2-D when layers are stacked for scan).
+EXCLUDED_KEYS = frozenset(
+    {"embed", "embedding", "embeddings", "embed_tokens", "wte", "wpe", "lm_head"}
+)
+_EXCLUDED_SUBSTRINGS = ("embed", "norm")
+
+MaskOrFn = Union[Any, Callable[[base.Params], Any]]
+
+
+def _is_excluded(path: tuple[Any, ...]) -> bool:
+  for entry in path:
+    name = utils.key_name(entry).lower()
+    if name in EXCLUDED_KEYS or any(s in name for s in _EXCLUDED_SUBSTRINGS):
+      return True
+  return False
+
+
+def default_lowrank_mask(params: base.Params) -> Any:
+  """Which leaves APOLLO treats as low-rank matrices by default.
+
+  A leaf is low-rank when it has at least two axes and no key on its path
+  names an embedding, an output head or a norm: no path key is one of
+  ``embed, embedding, embeddings, embed_tokens, wte, wpe, lm_head`` or contains
+  ``embed`` or ``norm`` (case-insensitive). Everything else (embeddings, output
+  head, norms, biases, scalars) gets AdamW, as in the official code, which
+  projects only attention and MLP weights.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"embed": jnp.zeros((100, 8)), "mlp": {"kernel": jnp.zeros((8, 16)),
+    ...           "bias": jnp.zeros(16)}, "norm": {"scale": jnp.zeros((2, 8))}}
+    >>> default_lowrank_mask(params)
+    {'embed': False, 'mlp': {'bias': False, 'kernel': True}, 'norm': {'scale': False}}
+
+  Args:
+    params: a pytree of arrays (or ``jax.ShapeDtypeStruct``).
+
+  Returns:
+    A pytree of bools with the structure of ``params``.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: len(x.shape) >= 2 and not _is_excluded(path), params
+  )
+
+
+def _resolve_mask(mask: MaskOrFn, params: base.Params) -> Any:
+  if mask is None:
+    return default_lowrank_mask(params)
+  if callable(mask):
+    return mask(params)
+  return mask
+
+
+def apollo(
+    learning_rate: base.ScalarOrSchedule,
+    rank: int = 256,
+    *,
+    scale_type: str = "channel",
+    scale: float = 1.0,
+    scale_front: bool = False,
+    norm_growth_limit: Optional[float] = 1.01,
+    update_proj_gap: int = 200,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[MaskOrFn] = None,
+    lowrank_mask: Optional[MaskOrFn] = None,
+    projection: Union[str, proj.ProjectionFn] = "gaussian",
+    seed: int = 0,
+    weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
+    mu_dtype: Optional[Any] = None,
+) -> base.GradientTransformation:
+  r"""APOLLO: SGD-like memory, AdamW-level performance (Zhu et al., 2025).
+
+  Matrix leaves (``lowrank_mask``) get APOLLO, all others AdamW:
+
+  - matrices: :math:`U = G \cdot s` from :func:`scale_by_apollo`, then
+    :math:`\sqrt{\text{scale}}` (before the limiter if ``scale_front``, after it
+    otherwise), then :func:`norm_growth_limiter` (unless
+    ``norm_growth_limit=None``);
+  - other leaves: :math:`m / (\sqrt v + \epsilon)` (:func:`scale_by_adam_moments`);
+  - then, for all leaves, bias correction
+    :math:`\sqrt{1-b_2^t}/(1-b_1^t)`, decoupled weight decay on the pre-update
+    parameters, and the learning rate:
+    :math:`\Delta\theta = -\eta_t (U \sqrt{1-b_2^t}/(1-b_1^t) + \lambda\theta)`.
+
+  This reproduces ``APOLLOAdamW`` of the official ``apollo-torch`` 1.0.3, except
+  that weight decay uses the pre-update parameters (as ``optax.adamw``; the
+  official code decays the updated ones, a difference of order η²λ) and that an
+  all-zero first update does not arm the limiter.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import apollo_optax
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
+    >>> tx = apollo_optax.apollo(learning_rate=1e-2, rank=8)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.sum((jnp.ones(64) @ p["w"] + p["b"]) ** 2)
+    >>> grads = jax.grad(loss)(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < 64.0 ** 2 * 32)
+    True
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank: projection rank (static); the paper uses 1/4 of the hidden size.
+    scale_type: "channel" (APOLLO) or "tensor" (APOLLO-Mini).
+    scale: α², the update is multiplied by √scale; > 0.
+    scale_front: apply √scale before the norm-growth limiter (recommended for
+      APOLLO-Mini with short warm-up).
+    norm_growth_limit: γ of the norm-growth limiter (> 1), or None to disable.
+    update_proj_gap: steps between projection refreshes (static).
+    b1: decay of the first moment, in [0, 1).
+    b2: decay of the second moment, in [0, 1).
+    eps: added to √v, >= 0.
+    weight_decay: decoupled weight decay λ (as ``optax.adamw``).
+    weight_decay_mask: which leaves are decayed (pytree of bools or callable);
+      None: all.
+    lowrank_mask: which leaves get APOLLO (pytree of bools or callable); None:
+      :func:`default_lowrank_mask`. Leaves whose ``weight_dimension_numbers``
+      are None stay on Adam too.
+    projection: "gaussian", "svd" or a callable, see :func:`scale_by_apollo`.
+    seed: seed of the random projections.
+    weight_dimension_numbers: which axes form the matrix; None: the last two.
+    mu_dtype: dtype of all moments; None: the parameter dtype, at least
+      float32.
+
+  Returns:
+    A ``GradientTransformation``.
+  """
+  if not isinstance(scale_front, bool):
+    raise TypeError(f"`scale_front` must be a bool, got {scale_front!r}.")
+  utils.check_real("scale", scale, lambda v: v > 0.0, "> 0")
+  utils.check_real(
+      "weight_decay", weight_decay, lambda v: v >= 0.0, ">= 0"
+  )
+  if not callable(learning_rate):
+    utils.check_real(
+        "learning_rate", learning_rate, lambda v: v >= 0.0, ">= 0 or a schedule"
+    )
+
+  def dims_fn(tree):
+    return dn.resolve_dimension_numbers(weight_dimension_numbers, tree)
+
+  def labels(params):
+    mask = _resolve_mask(lowrank_mask, params)
+    dims = dims_fn(params)
+
+    def label(is_lowrank, leaf_dims, leaf):
+      return "apollo" if is_lowrank and leaf_dims is not None else "adam"
+
+    def label_subtree(is_lowrank, subtree):
+      if not isinstance(is_lowrank, (bool, jnp.bool_)) and not (
+          hasattr(is_lowrank, "dtype") and is_lowrank.dtype == jnp.bool_
+      ):
+        raise TypeError(
+            "`lowrank_mask` must be a pytree of bools (or a callable returning"
+            f" one), got a leaf {is_lowrank!r}."
+        )
+      return jax.tree.map(lambda x: bool(is_lowrank), subtree)
+
+    mask = jax.tree.map(label_subtree, mask, params)
+    return jax.tree.map(
+        label, mask, dims, params, is_leaf=lambda x: x is None
+    )
+
+  sqrt_scale = (
+      math.sqrt(scale) if utils.concrete_float(scale) is not None else None
+  )
+
+  def scale_by_sqrt_scale():
+    if sqrt_scale is not None:
+      return optax.scale(sqrt_scale)
+    return optax.scale(jnp.sqrt(scale))
+
+  matrix_chain = [
+      sba.scale_by_apollo(
+          rank,
+          scale_type=scale_type,
+          update_proj_gap=update_proj_gap,
+          b1=b1,
+          b2=b2,
+          eps=eps,
+          projection=projection,
+          seed=seed,
+          weight_dimension_numbers=dims_fn,
+          mu_dtype=mu_dtype,
+      )
+  ]
+  if scale_front:
+    matrix_chain.append(scale_by_sqrt_scale())
+  if norm_growth_limit is not None:
+    matrix_chain.append(
+        limiter.norm_growth_limiter(
+            norm_growth_limit, weight_dimension_numbers=dims_fn
+        )
+    )
+  if not scale_front:
+    matrix_chain.append(scale_by_sqrt_scale())
+
+  return optax.chain(
+      optax.partition(
+          {
+              "apollo": optax.chain(*matrix_chain),
+              "adam": adam.scale_by_adam_moments(b1, b2, eps, mu_dtype),
+          },
+          labels,
+      ),
+      adam.scale_by_adam_bias_correction(b1, b2),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def apollo_mini(
+    learning_rate: base.ScalarOrSchedule,
+    *,
+    scale: float = 128.0,
+    scale_front: bool = True,
+    norm_growth_limit: Optional[float] = 1.01,
+    update_proj_gap: int = 200,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Optional[MaskOrFn] = None,
+    lowrank_mask: Optional[MaskOrFn] = None,
+    projection: Union[str, proj.ProjectionFn] = "gaussian",
+    seed: int = 0,
+    weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
+    mu_dtype: Optional[Any] = None,
+) -> base.GradientTransformation:
+  """APOLLO-Mini: rank 1, one scaling factor per matrix, √128 step.
+
+  :func:`apollo` with ``rank=1`` and ``scale_type="tensor"``; its optimizer
+  state per matrix is 2·max(m, n) numbers. The defaults follow the paper's
+  pre-training scripts: ``scale=128`` (α = √128 compensates for the smaller
+  scaling factors of rank 1) applied before the limiter (``scale_front``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import apollo_optax
+    >>> tx = apollo_optax.apollo_mini(learning_rate=1e-2)
+    >>> state = tx.init({"w": jnp.zeros((512, 128))})
+    >>> apollo_optax.state_bytes(state) < 2 * 512 * 4 + 64
+    True
+
+  Args: as :func:`apollo`.
+
+  Returns:
+    A ``GradientTransformation``.
+  """
+  return apollo(
+      learning_rate,
+      1,
+      scale_type="tensor",
+      scale=scale,
+      scale_front=scale_front,
+      norm_growth_limit=norm_growth_limit,
+      update_proj_gap=update_proj_gap,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask,
+      lowrank_mask=lowrank_mask,
+      projection=projection,
+      seed=seed,
+      weight_dimension_numbers=weight_dimension_numbers,
+      mu_dtype=mu_dtype,
+  )

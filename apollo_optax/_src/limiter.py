@@ -1,0 +1,127 @@
+"""Fira's norm-growth limiter as a stand-alone transformation."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from optax._src import base
+
+from apollo_optax._src import dimension_numbers as dn
+from apollo_optax._src import utils
+
+# Added to the previous norm, as in the official implementation.
+_NORM_EPS = 1e-8
+
+
+class NormGrowthLimiterState(NamedTuple):
+  """State of :func:`norm_growth_limiter`.
+
+  Attributes:
+    previous_norm: for each leaf, the norm of the last (limited) update of each
+      matrix, shaped like the leaf's batch axes (a scalar for a plain matrix or
+      vector); 0 until the first non-zero update.
+  """
+
+  previous_norm: base.Updates
+
+
+def _per_matrix_layout(leaf: Any, dims: Any) -> tuple[tuple[int, ...], Any]:
+  """(batch axes, layout or None) of a leaf for per-matrix norms."""
+  if dims is None or len(leaf.shape) < 2:
+    return (), None
+  layout = dn.MatrixLayout.create(leaf.shape, dims)
+  return layout.batch_axes, layout
+
+
+def norm_growth_limiter(
+    gamma: float = 1.01,
+    *,
+    weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
+) -> base.GradientTransformation:
+  r"""Limits how fast the norm of each update may grow (Fira, Chen et al. 2024).
+
+  For each matrix U of each leaf, with :math:`p` the norm remembered from the
+  previous step:
+
+  .. math::
+    c = \frac{\gamma}{\max(\|U\| / (p + 10^{-8}), \gamma)}, \quad
+    U \leftarrow c\,U, \quad p \leftarrow c\,\|U\|.
+
+  So an update may be at most γ times larger than the previous one. The first
+  non-zero update only sets p (while p = 0 nothing is limited; the official
+  code would instead shrink every later update towards 0 after an all-zero
+  first gradient).
+
+  Works after any optimizer. Matrices are found as in :func:`scale_by_apollo`:
+  leaves with more than two axes are batches of independent matrices (by
+  ``weight_dimension_numbers``, default: the last two axes), vectors and
+  scalars count as one block each.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import apollo_optax
+    >>> tx = optax.chain(optax.sgd(0.1), apollo_optax.norm_growth_limiter(1.01))
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> u, state = tx.update({"w": jnp.ones(3)}, state)
+    >>> u, state = tx.update({"w": 10 * jnp.ones(3)}, state)
+    >>> round(float(jnp.linalg.norm(u["w"])) / (0.1 * 3 ** 0.5), 4)
+    1.01
+
+  Args:
+    gamma: the largest allowed growth factor of the update norm per step, > 1.
+    weight_dimension_numbers: which axes form a matrix (see
+      :class:`ApolloDimensionNumbers`); batch axes get independent limiters.
+
+  Returns:
+    A ``GradientTransformation``.
+  """
+  utils.check_real("gamma", gamma, lambda v: v > 1.0, "> 1 (e.g. 1.01)")
+  dn.check_dimension_numbers(weight_dimension_numbers, "weight_dimension_numbers")
+
+  def leaf_info(tree):
+    dims = dn.resolve_dimension_numbers(weight_dimension_numbers, tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    return leaves, treedef.flatten_up_to(dims), treedef
+
+  def init_fn(params):
+    leaves, dims, treedef = leaf_info(params)
+    norms = []
+    for leaf, leaf_dims in zip(leaves, dims):
+      _, layout = _per_matrix_layout(leaf, leaf_dims)
+      shape = layout.batch_shape if layout is not None else ()
+      norms.append(jnp.zeros(shape, utils.compute_dtype(leaf.dtype)))
+    return NormGrowthLimiterState(previous_norm=treedef.unflatten(norms))
+
+  def leaf_update(u, previous, leaf_dims):
+    cdt = previous.dtype
+    _, layout = _per_matrix_layout(u, leaf_dims)
+    if layout is None:
+      norm = jnp.sqrt(jnp.sum(jnp.square(u.astype(cdt))))
+    else:
+      u3 = layout.to_canonical(u).astype(cdt)
+      norm = jnp.sqrt(jnp.sum(jnp.square(u3), axis=(1, 2))).reshape(
+          layout.batch_shape
+      )
+    ratio = norm / (previous + _NORM_EPS)
+    factor = jnp.where(
+        previous > 0, gamma / jnp.maximum(ratio, gamma), jnp.ones_like(norm)
+    ).astype(cdt)
+    broadcast = (
+        factor if layout is None else layout.per_matrix_to_broadcast(factor)
+    )
+    return (u * broadcast).astype(u.dtype), norm * factor
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, dims, treedef = leaf_info(updates)
+    previous = treedef.flatten_up_to(state.previous_norm)
+    results = [leaf_update(*args) for args in zip(leaves, previous, dims)]
+    new_updates = [u for u, _ in results]
+    new_norms = [p for _, p in results]
+    return treedef.unflatten(new_updates), NormGrowthLimiterState(
+        previous_norm=treedef.unflatten(new_norms)
+    )
+
+  return base.GradientTransformation(init_fn, update_fn)
