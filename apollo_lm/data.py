@@ -115,11 +115,14 @@ def stdlib_files() -> list[SourceFile]:
   """
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
   files = []
-  for path in root.rglob("*.py"):
-    relative = path.relative_to(root)
-    if _EXCLUDED_STDLIB_DIRS.isdisjoint(relative.parts) and path.is_file():
-      if path.stat().st_size:
-        files.append(SourceFile(relative.as_posix(), path))
+  for dirpath, dirnames, filenames in os.walk(root):
+    # Pruned rather than filtered: site-packages can be far larger than the
+    # standard library itself.
+    dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_STDLIB_DIRS]
+    for name in filenames:
+      path = pathlib.Path(dirpath, name)
+      if name.endswith(".py") and path.is_file() and path.stat().st_size:
+        files.append(SourceFile(path.relative_to(root).as_posix(), path))
   return sorted(files)
 
 

@@ -13,6 +13,8 @@ import sysconfig
 import textwrap
 import time
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import tokenizers
@@ -262,6 +264,22 @@ def test_explicit_eval_paths_and_train_only_vocab(sample_dir, tmp_path):
   assert corpus.eval_tokens[-1] == corpus.eos_id
 
 
+def test_default_corpus_skips_non_utf8_stdlib_files(sample_dir, tmp_path, monkeypatch):
+  # The stdlib itself is too big to train on here: stand in a sample of it,
+  # plus a Latin-1 file like the stdlib's source-encoding test fixtures.
+  latin1 = tmp_path / "encoded_modules" / "module_iso_8859_1.py"
+  latin1.parent.mkdir()
+  latin1.write_bytes("# -*- coding: iso-8859-1 -*-\nx = 'caf\u00e9'\n".encode("latin-1"))
+  files = sorted(data.collect_files([sample_dir]) + [
+      data.SourceFile("encoded_modules/module_iso_8859_1.py", latin1)])
+  monkeypatch.setattr(data, "stdlib_files", lambda: files)
+  corpus = data.load_corpus(vocab_size=300, cache_dir=tmp_path / "c")
+  assert latin1 not in corpus.files.train + corpus.files.eval
+  assert len(corpus.files.train) + len(corpus.files.eval) == len(STDLIB_SAMPLE)
+  assert corpus.description.startswith("Python ")
+  assert "standard library" in corpus.description
+
+
 def test_stdlib_with_eval_paths_raises(tmp_path):
   with pytest.raises(ValueError, match=r"eval_paths needs paths"):
     data.load_corpus(eval_paths=[tmp_path])
@@ -500,6 +518,22 @@ def test_pack_windows_spans_documents_and_skips():
   np.testing.assert_array_equal(windows, stream[:20].reshape(4, 5))
   np.testing.assert_array_equal(list(data.pack_windows(iter(docs), 4, skip_windows=3)),
                                 stream[15:20].reshape(1, 5))
+
+
+@hypothesis.given(
+    lengths=st.lists(st.integers(0, 12), max_size=12),
+    seq_len=st.integers(1, 6),
+    skip=st.integers(0, 4),
+)
+def test_pack_windows_matches_reference(lengths, seq_len, skip):
+  docs = [np.full(n, i, np.int32) for i, n in enumerate(lengths)]
+  stream = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+  count = stream.size // (seq_len + 1)
+  reference = stream[: count * (seq_len + 1)].reshape(count, seq_len + 1)
+  packed = list(data.pack_windows(iter(docs), seq_len, skip_windows=skip))
+  assert len(packed) == max(count - skip, 0)
+  for got, expected in zip(packed, reference[skip:]):
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_find_eos_id():
