@@ -1,0 +1,383 @@
+"""Tests for the LLaMA model, its configurations and its sharding."""
+
+import dataclasses
+import re
+
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+import numpy as np
+import optax
+import pytest
+
+from apollo_lm import configs
+from apollo_lm import model as model_lib
+from apollo_lm import sharding
+
+# Small enough to compile in about a second; every dimension is divisible by
+# the fsdp=4 / tensor=2 mesh used below.
+SMALL = configs.LlamaConfig(
+    name="test", hidden_size=32, intermediate_size=64, num_heads=4,
+    num_layers=2, vocab_size=64, max_seq_len=32)
+
+# One xdist worker runs the whole file, so compiled functions are reused.
+pytestmark = pytest.mark.xdist_group("apollo_lm_model")
+
+
+def _tokens(batch: int, seq_len: int, seed: int = 0) -> jax.Array:
+  return jax.random.randint(
+      jax.random.key(seed), (batch, seq_len), 0, SMALL.vocab_size, jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def small_model() -> model_lib.Llama:
+  return model_lib.Llama(SMALL, rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def _forward(model: model_lib.Llama, tokens: jax.Array) -> jax.Array:
+  return model(tokens)
+
+
+def _flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
+  return {"/".join(map(str, path)): var for path, var
+          in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _expected_params(config: configs.LlamaConfig) -> dict[str, tuple]:
+  """The parameter contract: path -> (shape, sharding annotation)."""
+  d, f, v, n = (config.hidden_size, config.intermediate_size,
+                config.vocab_size, config.num_layers)
+  col, row = (None, "fsdp", "tensor"), (None, "tensor", "fsdp")
+  return {
+      "embed/embedding": ((v, d), ("tensor", "fsdp")),
+      "layers/attn/q_proj/kernel": ((n, d, d), col),
+      "layers/attn/k_proj/kernel": ((n, d, d), col),
+      "layers/attn/v_proj/kernel": ((n, d, d), col),
+      "layers/attn/o_proj/kernel": ((n, d, d), row),
+      "layers/mlp/gate_proj/kernel": ((n, d, f), col),
+      "layers/mlp/up_proj/kernel": ((n, d, f), col),
+      "layers/mlp/down_proj/kernel": ((n, f, d), row),
+      "layers/attn_norm/scale": ((n, d), (None, None)),
+      "layers/mlp_norm/scale": ((n, d), (None, None)),
+      "final_norm/scale": ((d,), (None,)),
+      "lm_head/kernel": ((d, v), ("fsdp", "tensor")),
+  }
+
+
+def _closed_form_count(config: configs.LlamaConfig) -> int:
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  return 2 * v * d + config.num_layers * (4 * d * d + 3 * d * f + 2 * d) + d
+
+
+# ----------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, shape", [
+    # Values of configs/llama_*.json in zhuhanqing/APOLLO and GaLore.
+    ("9m", (128, 352, 4, 4)),
+    ("60m", (512, 1376, 8, 8)),
+    ("130m", (768, 2048, 12, 12)),
+    ("350m", (1024, 2736, 16, 24)),
+    ("1b", (2048, 5461, 32, 24)),
+    ("7b", (4096, 11008, 32, 32)),
+    ("13b", (5120, 13824, 40, 40)),
+])
+def test_get_config_shapes(name, shape):
+  config = configs.get_config(name)
+  assert (config.hidden_size, config.intermediate_size, config.num_heads,
+          config.num_layers) == shape
+  assert config.name == name
+  assert config.vocab_size == 32000
+  assert config.dtype == jnp.bfloat16 and config.param_dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", configs.CONFIG_NAMES)
+def test_every_registered_config_is_valid(name):
+  config = configs.get_config(name, vocab_size=50257, remat=True)
+  assert config.vocab_size == 50257 and config.remat
+  assert config.head_dim * config.num_heads == config.hidden_size
+
+
+def test_get_config_unknown_name_lists_allowed_names():
+  with pytest.raises(ValueError, match="`name` '70b'") as err:
+    configs.get_config("70b")
+  for name in configs.CONFIG_NAMES:
+    assert repr(name)[1:-1] in str(err.value)
+
+
+def test_get_config_unknown_override():
+  with pytest.raises(TypeError, match="hidden"):
+    configs.get_config("60m", hidden=3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_heads=7), "divisible by `num_heads`=7"),
+    (dict(hidden_size=24, num_heads=8), "must be even"),
+    (dict(vocab_size=0), "`vocab_size` must be a positive int"),
+    (dict(num_layers=2.0), "`num_layers` must be a positive int"),
+    (dict(norm_eps=0.0), "`norm_eps` must be > 0"),
+    (dict(dtype=jnp.int32), "`dtype` must be a floating dtype"),
+])
+def test_invalid_config_raises(overrides, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    configs.get_config("tiny", **overrides)
+
+
+def test_config_is_frozen():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    SMALL.hidden_size = 64  # pytype: disable=not-writable
+
+
+# ----------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------
+
+
+def test_param_tree_matches_contract(small_model):
+  params = _flat_params(small_model)
+  expected = _expected_params(SMALL)
+  assert set(params) == set(expected)
+  for path, (shape, annotation) in expected.items():
+    assert params[path].shape == shape, path
+    assert params[path].get_metadata()["out_sharding"] == annotation, path
+    assert params[path].dtype == jnp.float32, path
+  # Everything in the state is a parameter (no stray buffers or biases).
+  assert len(jax.tree.leaves(nnx.state(small_model))) == len(expected)
+
+
+def test_init_statistics(small_model):
+  params = _flat_params(small_model)
+  for path, var in params.items():
+    value = np.asarray(var[...])
+    if path.endswith("scale"):
+      np.testing.assert_array_equal(value, 1.0)
+    else:
+      np.testing.assert_allclose(value.std(), SMALL.init_std, rtol=0.15)
+      np.testing.assert_allclose(value.mean(), 0.0, atol=0.005)
+  # Layers are initialised independently, not copies of one another.
+  q = np.asarray(params["layers/attn/q_proj/kernel"][...])
+  assert not np.allclose(q[0], q[1])
+
+
+@pytest.mark.parametrize("name", ["60m", "7b"])
+def test_count_params_matches_closed_form(name):
+  # Measured (vocab 32000): 60m -> 58_073_600 ("60M" in the paper),
+  # 7b -> 6_738_415_616 ("7B"), 1b -> 1_339_082_752, 13b -> 13_015_864_320.
+  config = configs.get_config(name)
+  assert model_lib.count_params(name) == _closed_form_count(config)
+  assert model_lib.count_params(config) == _closed_form_count(config)
+
+
+def test_count_params_known_values():
+  assert model_lib.count_params("60m") == 58_073_600
+  assert model_lib.count_params("7b") == 6_738_415_616
+  assert model_lib.count_params(
+      configs.get_config("7b", vocab_size=100)) == 6_477_090_816
+
+
+def test_abstract_state_13b_is_abstract():
+  state = model_lib.abstract_state("13b")
+  leaves = jax.tree.leaves(state)
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+  assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+  assert state["layers"]["mlp"]["down_proj"]["kernel"].shape == (
+      40, 13824, 5120)
+  specs = nnx.get_partition_spec(state)
+  assert specs["lm_head"]["kernel"].get_value() == PartitionSpec(
+      "fsdp", "tensor")
+
+
+# ----------------------------------------------------------------------------
+# Forward pass
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch, seq_len", [(1, 1), (3, 7), (2, 32)])
+def test_logits_shape_and_dtype(small_model, batch, seq_len):
+  logits = _forward(small_model, _tokens(batch, seq_len))
+  chex.assert_shape(logits, (batch, seq_len, SMALL.vocab_size))
+  assert logits.dtype == jnp.float32
+  chex.assert_tree_all_finite(logits)
+
+
+def test_rejects_bad_tokens(small_model):
+  with pytest.raises(ValueError, match="exceeds `max_seq_len`=32"):
+    small_model(_tokens(1, 33))
+  with pytest.raises(ValueError, match="integer array"):
+    small_model(jnp.zeros((2, 4), jnp.float32))
+
+
+@pytest.mark.parametrize("position", [1, 9, 31])
+def test_causal_masking_is_exact(small_model, position):
+  tokens = _tokens(2, 32)
+  changed = tokens.at[:, position:].set(
+      (tokens[:, position:] + 1) % SMALL.vocab_size)
+  before, after = _forward(small_model, tokens), _forward(small_model, changed)
+  np.testing.assert_array_equal(before[:, :position], after[:, :position])
+  # The changed positions do see the change, so the check above can fail.
+  assert not np.allclose(before[:, position:], after[:, position:])
+
+
+def _dot_input_dtypes(jaxpr) -> set[jnp.dtype]:
+  """Dtypes of every dot_general operand, including nested jaxprs."""
+  dtypes = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      dtypes.update(var.aval.dtype for var in eqn.invars)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          dtypes |= _dot_input_dtypes(sub)
+  return dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_params_float32_compute_in_config_dtype(dtype):
+  config = dataclasses.replace(SMALL, dtype=dtype)
+  model = model_lib.Llama(config, rngs=nnx.Rngs(0))
+  assert {v.dtype for v in _flat_params(model).values()} == {
+      jnp.dtype(jnp.float32)}
+  graphdef, state = nnx.split(model)
+  closed = jax.make_jaxpr(
+      lambda state, tokens: nnx.merge(graphdef, state)(tokens))(
+          state, _tokens(2, 8))
+  assert _dot_input_dtypes(closed.jaxpr) == {jnp.dtype(dtype)}
+  assert closed.out_avals[0].dtype == jnp.float32
+
+
+@nnx.jit
+def _loss_and_grads(model: model_lib.Llama, tokens: jax.Array):
+  """Next-token loss on ``tokens`` and its gradient; shared, so compiled once."""
+  def loss_fn(model):
+    logits = model(tokens[:, :-1])
+    return model_lib.cross_entropy_loss(logits, tokens[:, 1:])
+  return nnx.value_and_grad(loss_fn)(model)
+
+
+@pytest.mark.parametrize("remat, scan_layers", [(True, True), (False, False)])
+def test_remat_and_unrolled_layers_match_reference(small_model, remat,
+                                                   scan_layers):
+  config = dataclasses.replace(SMALL, remat=remat, scan_layers=scan_layers)
+  other = model_lib.Llama(config, rngs=nnx.Rngs(1))
+  nnx.update(other, nnx.state(small_model))
+  tokens = _tokens(2, 16)
+  ref_logits, logits = _forward(small_model, tokens), _forward(other, tokens)
+  if scan_layers:
+    # Rematerialisation recomputes the very same forward computation.
+    np.testing.assert_array_equal(logits, ref_logits)
+  else:
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-2)
+  if remat:
+    (ref_loss, ref_grads), (loss, grads) = (
+        _loss_and_grads(small_model, tokens), _loss_and_grads(other, tokens))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, atol=1e-4, rtol=1e-2)
+
+
+def test_rotary_embedding_is_relative():
+  """RoPE keeps norms and makes q.k depend only on the position offset."""
+  key_q, key_k = jax.random.split(jax.random.key(0))
+  q = jnp.broadcast_to(jax.random.normal(key_q, (8,)), (1, 6, 1, 8))
+  k = jnp.broadcast_to(jax.random.normal(key_k, (8,)), (1, 6, 1, 8))
+  q_rot = model_lib.rotary_embedding(q, 10000.0)[0, :, 0]
+  k_rot = model_lib.rotary_embedding(k, 10000.0)[0, :, 0]
+  np.testing.assert_allclose(jnp.linalg.norm(q_rot, axis=-1),
+                             jnp.linalg.norm(q[0, :, 0], axis=-1), rtol=1e-5)
+  scores = q_rot @ k_rot.T
+  for offset in range(-2, 3):
+    diagonal = np.diagonal(scores, offset)
+    np.testing.assert_allclose(diagonal, diagonal[0], rtol=1e-4, atol=1e-5)
+  # Position 0 is not rotated at all.
+  np.testing.assert_allclose(q_rot[0], q[0, 0, 0], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Loss and training
+# ----------------------------------------------------------------------------
+
+
+def test_cross_entropy_loss():
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 5), jnp.bfloat16)
+  targets = jnp.array([[0, 1, 2], [3, 4, 0]])
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  per_token = -jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+  loss = model_lib.cross_entropy_loss(logits, targets)
+  assert loss.dtype == jnp.float32 and loss.shape == ()
+  np.testing.assert_allclose(loss, per_token.mean(), rtol=1e-6)
+  mask = jnp.array([[1, 1, 0], [0, 1, 0]])
+  np.testing.assert_allclose(
+      model_lib.cross_entropy_loss(logits, targets, mask),
+      (per_token[0, 0] + per_token[0, 1] + per_token[1, 1]) / 3, rtol=1e-6)
+  assert model_lib.cross_entropy_loss(logits, targets, 0 * mask) == 0.0
+
+
+def test_adamw_steps_reduce_loss():
+  model = model_lib.Llama(SMALL, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+  tokens = _tokens(2, 16, seed=1)
+  update = nnx.jit(lambda optimizer, model, grads: optimizer.update(
+      model, grads))
+  losses = []
+  for _ in range(10):
+    loss, grads = _loss_and_grads(model, tokens)
+    update(optimizer, model, grads)
+    losses.append(float(loss))
+  # Random init predicts about uniformly: loss ~ log(V).
+  np.testing.assert_allclose(losses[0], np.log(SMALL.vocab_size), rtol=0.05)
+  assert losses[-1] < losses[0] - 0.5, losses
+
+
+# ----------------------------------------------------------------------------
+# Sharding
+# ----------------------------------------------------------------------------
+
+
+def test_make_mesh_validates_device_count():
+  assert jax.device_count() == 8, "tests/conftest.py sets 8 CPU devices"
+  mesh = sharding.make_mesh(2, 2, 2)
+  assert mesh.axis_names == sharding.MESH_AXES
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  with pytest.raises(ValueError, match=r"data \* fsdp \* tensor = 1 \* 4 \* 1"
+                     r" must equal the number of devices, 8"):
+    sharding.make_mesh(1, 4, 1)
+  with pytest.raises(ValueError, match="number of devices, 2"):
+    sharding.make_mesh(1, 1, 1, devices=jax.devices()[:2])
+
+
+@pytest.mark.parametrize("data, fsdp, tensor, how", [
+    (1, 4, 2, "create_sharded"), (2, 2, 2, "shard_model")])
+def test_sharded_model_follows_annotations(small_model, data, fsdp, tensor,
+                                           how):
+  mesh = sharding.make_mesh(data, fsdp, tensor)
+  if how == "create_sharded":
+    sharded = sharding.create_sharded(
+        lambda: model_lib.Llama(SMALL, rngs=nnx.Rngs(0)), mesh)
+  else:
+    sharded = sharding.shard_model(
+        model_lib.Llama(SMALL, rngs=nnx.Rngs(0)), mesh)
+
+  params = _flat_params(sharded)
+  for path, (shape, annotation) in _expected_params(SMALL).items():
+    value = params[path][...]
+    expected = NamedSharding(mesh, PartitionSpec(*annotation))
+    assert value.sharding.is_equivalent_to(expected, len(shape)), (
+        path, value.sharding)
+    # A weight split over k devices stores 1/k of it on each.
+    num_shards = np.prod([mesh.shape[a] for a in annotation if a])
+    assert value.addressable_shards[0].data.size == value.size // num_shards
+  chex.assert_trees_all_close(
+      jax.tree.leaves(nnx.state(sharded)),
+      jax.tree.leaves(nnx.state(small_model)), atol=1e-7)
+
+  tokens = _tokens(8, 16)
+  with jax.set_mesh(mesh):
+    logits = _forward(sharded, tokens)
+  np.testing.assert_allclose(
+      logits, _forward(small_model, tokens), atol=3e-2)
