@@ -188,43 +188,28 @@ def apollo(
     )
 
   sqrt_scale = (
-      math.sqrt(scale) if utils.concrete_float(scale) is not None else None
+      math.sqrt(scale) if utils.concrete_float(scale) is not None else jnp.sqrt(scale)
   )
-
-  def scale_by_sqrt_scale():
-    if sqrt_scale is not None:
-      return optax.scale(sqrt_scale)
-    return optax.scale(jnp.sqrt(scale))
-
-  matrix_chain = [
-      sba.scale_by_apollo(
-          rank,
-          scale_type=scale_type,
-          update_proj_gap=update_proj_gap,
-          b1=b1,
-          b2=b2,
-          eps=eps,
-          projection=projection,
-          seed=seed,
-          weight_dimension_numbers=dims_fn,
-          mu_dtype=mu_dtype,
-      )
-  ]
-  if scale_front:
-    matrix_chain.append(scale_by_sqrt_scale())
-  if norm_growth_limit is not None:
-    matrix_chain.append(
-        limiter.norm_growth_limiter(
-            norm_growth_limit, weight_dimension_numbers=dims_fn
-        )
-    )
-  if not scale_front:
-    matrix_chain.append(scale_by_sqrt_scale())
+  matrix_transform = sba.scale_by_apollo_limited(
+      rank,
+      sqrt_scale=sqrt_scale,
+      scale_front=scale_front,
+      norm_growth_limit=norm_growth_limit,
+      scale_type=scale_type,
+      update_proj_gap=update_proj_gap,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      projection=projection,
+      seed=seed,
+      weight_dimension_numbers=dims_fn,
+      mu_dtype=mu_dtype,
+  )
 
   return optax.chain(
       optax.partition(
           {
-              "apollo": optax.chain(*matrix_chain),
+              "apollo": matrix_transform,
               "adam": adam.scale_by_adam_moments(b1, b2, eps, mu_dtype),
           },
           labels,

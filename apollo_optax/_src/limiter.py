@@ -27,6 +27,20 @@ class NormGrowthLimiterState(NamedTuple):
   previous_norm: base.Updates
 
 
+def growth_limit(
+    norm: jax.Array, previous: jax.Array, gamma: Any
+) -> tuple[jax.Array, jax.Array]:
+  """(factor c, remembered norm c·‖U‖) for update norms ``norm``.
+
+  c = γ / max(‖U‖ / (p + 1e-8), γ) where the previous norm p > 0, else 1.
+  """
+  ratio = norm / (previous + _NORM_EPS)
+  factor = jnp.where(
+      previous > 0, gamma / jnp.maximum(ratio, gamma), jnp.ones_like(norm)
+  ).astype(norm.dtype)
+  return factor, norm * factor
+
+
 def _per_matrix_layout(leaf: Any, dims: Any) -> tuple[tuple[int, ...], Any]:
   """(batch axes, layout or None) of a leaf for per-matrix norms."""
   if dims is None or len(leaf.shape) < 2:
@@ -104,14 +118,11 @@ def norm_growth_limiter(
       norm = jnp.sqrt(jnp.sum(jnp.square(u3), axis=(1, 2))).reshape(
           layout.batch_shape
       )
-    ratio = norm / (previous + _NORM_EPS)
-    factor = jnp.where(
-        previous > 0, gamma / jnp.maximum(ratio, gamma), jnp.ones_like(norm)
-    ).astype(cdt)
+    factor, new_norm = growth_limit(norm, previous, gamma)
     broadcast = (
         factor if layout is None else layout.per_matrix_to_broadcast(factor)
     )
-    return (u * broadcast).astype(u.dtype), norm * factor
+    return (u * broadcast).astype(u.dtype), new_norm
 
   def update_fn(updates, state, params=None):
     del params

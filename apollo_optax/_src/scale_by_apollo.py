@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import optax
 from optax._src import base
 from optax._src import numerics
 
 from apollo_optax._src import dimension_numbers as dn
+from apollo_optax._src import limiter
 from apollo_optax._src import projection as proj
 from apollo_optax._src import utils
 
@@ -134,6 +136,37 @@ def scale_by_apollo(
   Returns:
     A ``GradientTransformation``.
   """
+  core = _build(
+      rank,
+      scale_type=scale_type,
+      update_proj_gap=update_proj_gap,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      projection=projection,
+      seed=seed,
+      weight_dimension_numbers=weight_dimension_numbers,
+      mu_dtype=mu_dtype,
+  )
+  return base.GradientTransformation(core.init, core.update)
+
+
+class _Core(NamedTuple):
+  """scale_by_apollo's init/update and the per-leaf pieces they are made of."""
+
+  init: Callable[[Any], ScaleByApolloState]
+  update: Callable[..., Any]
+  layouts: Callable[[Any], Any]
+  leaf_factor: Callable[..., Any]
+  flat_state: Callable[..., Any]
+  unflatten_results: Callable[..., Any]
+
+
+def _build(
+    rank, *, scale_type, update_proj_gap, b1, b2, eps, projection, seed,
+    weight_dimension_numbers, mu_dtype,
+) -> _Core:
+  """Validates the arguments and builds scale_by_apollo's functions."""
   rank = utils.check_static_int("rank", rank, 1)
   update_proj_gap = utils.check_static_int("update_proj_gap", update_proj_gap, 1)
   utils.check_choice("scale_type", scale_type, SCALE_TYPES)
@@ -195,11 +228,11 @@ def scale_by_apollo(
         count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, projection=stored
     )
 
-  def leaf_update(path, g, mu, nu, stored, layout, count):
+  def leaf_factor(path, g, mu, nu, stored, layout, count):
+    """(G canonical, s broadcastable to it, new mu, new nu, projection)."""
     cdt = utils.compute_dtype(g.dtype)
     r = layout.effective_rank(rank)
     g3 = layout.to_canonical(g)
-    refresh_index = count // update_proj_gap
     if stores_projection:
       p = jax.lax.cond(
           count % update_proj_gap == 0,
@@ -207,7 +240,9 @@ def scale_by_apollo(
           lambda: stored,
       )
     else:
-      keys = proj.projection_keys(seed, path, refresh_index, layout.num_matrices)
+      keys = proj.projection_keys(
+          seed, path, count // update_proj_gap, layout.num_matrices
+      )
       p = jax.vmap(
           lambda k: projection_fn(k, (r, layout.projected_dim), cdt)
       )(keys).astype(cdt)
@@ -224,34 +259,133 @@ def scale_by_apollo(
     factor = apollo_scaling_factor(
         low, normalized, tall=layout.tall, scale_type=scale_type
     )
-    update = layout.from_canonical(g3 * factor).astype(g.dtype)
     new_mu = layout.lowrank_from_canonical(m).astype(mu.dtype)
     new_nu = layout.lowrank_from_canonical(v).astype(nu.dtype)
-    return update, new_mu, new_nu, p if stores_projection else None
+    return g3, factor, new_mu, new_nu, p if stores_projection else None
+
+  def flat_state(state, treedef):
+    stored = (
+        treedef.flatten_up_to(state.projection)
+        if stores_projection
+        else [None] * treedef.num_leaves
+    )
+    return (
+        treedef.flatten_up_to(state.mu),
+        treedef.flatten_up_to(state.nu),
+        stored,
+    )
+
+  def unflatten_results(results, treedef, state):
+    columns = list(zip(*results)) if results else [()] * 4
+    unflatten = lambda i: treedef.unflatten(list(columns[i]))
+    return unflatten(0), ScaleByApolloState(
+        count=numerics.safe_increment(state.count),
+        mu=unflatten(1),
+        nu=unflatten(2),
+        projection=unflatten(3) if stores_projection else None,
+    )
 
   def update_fn(updates, state, params=None):
     del params
     paths, leaves, leaf_layouts, treedef = layouts(updates)
-    mus = treedef.flatten_up_to(state.mu)
-    nus = treedef.flatten_up_to(state.nu)
-    stored = (
-        treedef.flatten_up_to(state.projection)
-        if stores_projection
+    results = []
+    for args in zip(paths, leaves, *flat_state(state, treedef), leaf_layouts):
+      g3, factor, new_mu, new_nu, p = leaf_factor(*args, state.count)
+      update = args[-1].from_canonical(g3 * factor).astype(args[1].dtype)
+      results.append((update, new_mu, new_nu, p))
+    return unflatten_results(results, treedef, state)
+
+  return _Core(init_fn, update_fn, layouts, leaf_factor, flat_state,
+               unflatten_results)
+
+
+def scale_by_apollo_limited(
+    rank: int,
+    *,
+    sqrt_scale: Any,
+    scale_front: bool,
+    norm_growth_limit: Optional[Any],
+    **apollo_kwargs: Any,
+) -> base.GradientTransformation:
+  """scale_by_apollo, √scale and the norm-growth limiter in one pass over G.
+
+  Computes exactly what ``optax.chain(scale_by_apollo(...), optax.scale(√s),
+  norm_growth_limiter(γ))`` (√s after the limiter unless ``scale_front``)
+  computes, with the same state structure, but makes no full-size pass it does
+  not need: the limiter's norm comes from channel norms of G,
+  ‖G·s‖² = Σⱼ sⱼ² ‖Gⱼ‖², and the scaling factor, √scale and the limiter's
+  factor multiply G once. Used by :func:`apollo_optax.apollo`.
+  """
+  core = _build(rank, **apollo_kwargs)
+  gamma = norm_growth_limit
+  dims_spec = apollo_kwargs["weight_dimension_numbers"]
+  norm_limiter = (
+      limiter.norm_growth_limiter(gamma, weight_dimension_numbers=dims_spec)
+      if gamma is not None
+      else None
+  )
+  pre_scale = sqrt_scale if scale_front else 1.0
+  post_scale = 1.0 if scale_front else sqrt_scale
+
+  def assemble(apollo_state, limiter_state, params):
+    states = [apollo_state]
+    if scale_front:
+      states.append(optax_scale_state(params))
+    if limiter_state is not None:
+      states.append(limiter_state)
+    if not scale_front:
+      states.append(optax_scale_state(params))
+    return tuple(states)
+
+  def init_fn(params):
+    limiter_state = norm_limiter.init(params) if norm_limiter else None
+    return assemble(core.init(params), limiter_state, params)
+
+  def update_fn(updates, state, params=None):
+    del params
+    apollo_state = state[0]
+    limiter_state = state[2 if scale_front else 1] if norm_limiter else None
+    paths, leaves, leaf_layouts, treedef = core.layouts(updates)
+    previous = (
+        treedef.flatten_up_to(limiter_state.previous_norm)
+        if norm_limiter
         else [None] * len(leaves)
     )
-    results = [
-        leaf_update(*args, state.count)
-        for args in zip(paths, leaves, mus, nus, stored, leaf_layouts)
-    ]
-    new_updates, new_mu, new_nu, new_p = (list(x) for x in zip(*results)) if (
-        results
-    ) else ([], [], [], [])
-    return treedef.unflatten(new_updates), ScaleByApolloState(
-        count=numerics.safe_increment(state.count),
-        mu=treedef.unflatten(new_mu),
-        nu=treedef.unflatten(new_nu),
-        projection=treedef.unflatten(new_p) if stores_projection else None,
+    results, new_previous = [], []
+    for args in zip(
+        paths, leaves, *core.flat_state(apollo_state, treedef), leaf_layouts,
+        previous,
+    ):
+      layout, prev = args[-2], args[-1]
+      g3, s, new_mu, new_nu, p = core.leaf_factor(*args[:-1], apollo_state.count)
+      total = pre_scale * post_scale
+      if norm_limiter:
+        g_squared = jnp.square(g3.astype(s.dtype))
+        if apollo_kwargs["scale_type"] == "tensor":
+          norm_squared = jnp.square(s[:, 0, 0]) * jnp.sum(g_squared, axis=(1, 2))
+        else:
+          channel_axis = 2 if layout.tall else 1
+          channel_norms = jnp.sum(g_squared, axis=channel_axis, keepdims=True)
+          norm_squared = jnp.sum(jnp.square(s) * channel_norms, axis=(1, 2))
+        norm = pre_scale * jnp.sqrt(norm_squared).reshape(prev.shape)
+        factor, remembered = limiter.growth_limit(norm, prev.astype(norm.dtype), gamma)
+        new_previous.append(remembered.astype(prev.dtype))
+        total = total * factor.reshape(-1, 1, 1)
+      update = layout.from_canonical(g3 * (s * total)).astype(args[1].dtype)
+      results.append((update, new_mu, new_nu, p))
+    new_updates, new_apollo_state = core.unflatten_results(
+        results, treedef, apollo_state
     )
+    new_limiter_state = (
+        limiter.NormGrowthLimiterState(treedef.unflatten(new_previous))
+        if norm_limiter
+        else None
+    )
+    return new_updates, assemble(new_apollo_state, new_limiter_state, None)
 
   return base.GradientTransformation(init_fn, update_fn)
 
+
+def optax_scale_state(params: Any) -> Any:
+  """The (empty) state that ``optax.scale`` keeps."""
+  return optax.scale(1.0).init(params)
