@@ -1,0 +1,350 @@
+"""Shared helpers of the benchmarks: metadata, optimizers, train step, timing.
+
+Every benchmark script writes ``benchmarks/results/<name>.json`` (all numbers
+plus :func:`metadata`) and ``<name>.md`` (the same numbers as Markdown tables)
+through :func:`write_results`. Timings are always ratios measured side by side
+in one process with :func:`interleaved_medians`, because the machine is
+shared.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+import apollo_optax
+from apollo_lm import model as model_lib
+from apollo_lm.configs import LlamaConfig
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+GIB = 2**30
+# The paper's GPU (A100 80GB) has 80 GiB of device memory.
+GPU_MEMORY_BYTES = 80 * GIB
+
+
+# ----------------------------------------------------------------- metadata --
+
+
+def _lscpu() -> dict[str, str]:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True,
+                         check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return {}
+  fields = {}
+  for line in out.splitlines():
+    key, _, value = line.partition(":")
+    fields[key.strip()] = value.strip()
+  return fields
+
+
+def _git_commit() -> str:
+  try:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        text=True, check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def metadata() -> dict[str, Any]:
+  """Hardware, software versions and the exact command of this run."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  cpu = _lscpu()
+  mem_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return {
+      "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
+      "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "git_commit": _git_commit(),
+      "hardware": {
+          "cpu_model": cpu.get("Model name", platform.processor()),
+          "cpus": os.cpu_count(),
+          "flags_avx512f": "avx512f" in cpu.get("Flags", ""),
+          "memory_gib": round(mem_bytes / GIB, 1),
+          "jax_devices": [str(d) for d in jax.devices()],
+          "backend": jax.default_backend(),
+      },
+      "versions": {
+          "python": platform.python_version(),
+          "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__,
+          "optax": optax.__version__,
+          "flax": flax.__version__,
+          "apollo_optax": apollo_optax.__version__,
+      },
+  }
+
+
+# ---------------------------------------------------------------- reporting --
+
+
+def markdown_table(headers: Sequence[str],
+                   rows: Sequence[Sequence[Any]]) -> str:
+  """A GitHub Markdown table; floats keep the formatting given by the caller."""
+  lines = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join("---" for _ in headers) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def metadata_markdown(meta: Mapping[str, Any]) -> str:
+  """The metadata as a short Markdown paragraph."""
+  hw, v = meta["hardware"], meta["versions"]
+  return (
+      f"Command: `{meta['command']}`  \n"
+      f"Date: {meta['date_utc']}, commit {meta['git_commit']}  \n"
+      f"Hardware: {hw['cpu_model']}, {hw['cpus']} CPUs, "
+      f"{hw['memory_gib']} GiB, backend {hw['backend']}  \n"
+      f"Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, "
+      f"optax {v['optax']}, flax {v['flax']}, apollo_optax "
+      f"{v['apollo_optax']}")
+
+
+def write_results(name: str, results: Mapping[str, Any], markdown: str,
+                  out_dir: pathlib.Path | str = RESULTS_DIR) -> pathlib.Path:
+  """Writes ``<out_dir>/<name>.json`` and ``<name>.md``; returns the JSON path.
+
+  Args:
+    name: file stem, e.g. ``"memory"``.
+    results: JSON-serialisable numbers; :func:`metadata` is added under
+      ``"metadata"``.
+    markdown: the body of the Markdown report (tables, notes); a title and the
+      metadata paragraph are prepended.
+    out_dir: output directory, created if needed.
+
+  Returns:
+    The path of the JSON file.
+  """
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  meta = metadata()
+  payload = {"metadata": meta, **results}
+  json_path = out_dir / f"{name}.json"
+  json_path.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+  (out_dir / f"{name}.md").write_text(
+      f"# {name}\n\n{metadata_markdown(meta)}\n\n{markdown.strip()}\n")
+  return json_path
+
+
+def gb(num_bytes: float) -> str:
+  """Bytes as decimal gigabytes with two decimals (the paper's 'G')."""
+  return f"{num_bytes / 1e9:.2f}"
+
+
+# --------------------------------------------------------------- optimizers --
+
+OPTIMIZERS = ("adamw", "apollo", "apollo_mini", "galore", "adafactor",
+              "sgd_momentum")
+
+
+def paper_rank(config: LlamaConfig) -> int:
+  """APOLLO/GaLore rank of the paper: hidden/4 up to 1B, 256 above."""
+  return config.hidden_size // 4 if config.hidden_size <= 2048 else 256
+
+
+def _per_layer(tx: optax.GradientTransformation,
+               ) -> optax.GradientTransformation:
+  """Applies ``tx`` independently to each slice along every leaf's axis 0.
+
+  Stacked ``(L, m, n)`` layer weights become ``L`` matrices for optimizers
+  (GaLore) that only understand 2-D leaves.
+  """
+  return optax.GradientTransformation(
+      jax.vmap(tx.init), jax.vmap(tx.update))
+
+
+def galore(learning_rate: float, rank: int, *, update_proj_gap: int = 200,
+           ) -> optax.GradientTransformation:
+  """``optax.contrib.galore`` on APOLLO's low-rank leaves, per layer.
+
+  The same leaves as APOLLO (:func:`apollo_optax.default_lowrank_mask`) get
+  GaLore's projected Adam, one projection per layer of a stacked ``(L, m, n)``
+  weight; all other leaves get Adam. Weight decay 0, as the paper's scripts.
+  """
+  matrix = _per_layer(optax.contrib.galore(
+      1.0, rank=rank, update_proj_gap=update_proj_gap))
+
+  def labels(params):
+    mask = apollo_optax.default_lowrank_mask(params)
+    return jax.tree.map(
+        lambda lowrank, p: "galore" if lowrank and p.ndim == 3 else "adam",
+        mask, params)
+
+  return optax.chain(
+      optax.partition({"galore": optax.chain(matrix, optax.scale(-1.0)),
+                       "adam": optax.adam(1.0)}, labels),
+      optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+
+
+def make_tx(name: str, config: LlamaConfig, *, learning_rate: float = 1e-3,
+            mu_dtype: Any = None, galore_gap: int = 200,
+            ) -> optax.GradientTransformation:
+  """The optimizer ``name`` (one of :data:`OPTIMIZERS`) for ``config``.
+
+  APOLLO and GaLore use :func:`paper_rank`; APOLLO-Mini and APOLLO use the
+  library defaults (which are the paper's). ``mu_dtype`` sets the moment dtype
+  of AdamW and APOLLO(-Mini) (for bfloat16 states with float32 params).
+  """
+  rank = paper_rank(config)
+  if name == "adamw":
+    return optax.adamw(learning_rate, mu_dtype=mu_dtype, weight_decay=0.0)
+  if name == "apollo":
+    return apollo_optax.apollo(learning_rate, rank, mu_dtype=mu_dtype)
+  if name == "apollo_mini":
+    return apollo_optax.apollo_mini(learning_rate, mu_dtype=mu_dtype)
+  if name == "galore":
+    return galore(learning_rate, rank, update_proj_gap=galore_gap)
+  if name == "adafactor":
+    return optax.adafactor(learning_rate)
+  if name == "sgd_momentum":
+    return optax.sgd(learning_rate, momentum=0.9)
+  raise ValueError(f"make_tx: unknown optimizer {name!r}; one of {OPTIMIZERS}.")
+
+
+# --------------------------------------------------------------- train step --
+
+
+def _split(config: LlamaConfig) -> tuple[nnx.GraphDef, Any]:
+  """Graph definition and abstract parameters (plain dict) of ``config``."""
+  graphdef, state = nnx.split(
+      nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0))))
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract_params(config: LlamaConfig, dtype: Any = None) -> Any:
+  """Parameters as a plain dict of ``ShapeDtypeStruct`` (optionally recast)."""
+  tree = _split(config)[1]
+  if dtype is None:
+    return tree
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), tree)
+
+
+def init_params(config: LlamaConfig, seed: int = 0) -> Any:
+  """Real parameters of ``config`` (a plain dict), built by one jitted call."""
+
+  @jax.jit
+  def build():
+    model = model_lib.Llama(config, rngs=nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+  return build()
+
+
+def make_loss_fn(config: LlamaConfig) -> Callable[[Any, jax.Array], jax.Array]:
+  """``loss(params, tokens[B, T+1])``: next-token cross-entropy of Llama."""
+  graphdef = _split(config)[0]
+
+  def loss_fn(params: Any, tokens: jax.Array) -> jax.Array:
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+    return model_lib.cross_entropy_loss(logits, tokens[:, 1:])
+
+  return loss_fn
+
+
+def make_train_step(config: LlamaConfig, tx: optax.GradientTransformation,
+                    ) -> Callable[..., tuple[Any, Any, jax.Array]]:
+  """``step(params, opt_state, tokens) -> (params, opt_state, loss)``."""
+  loss_fn = make_loss_fn(config)
+
+  def train_step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return train_step
+
+
+def make_update_step(tx: optax.GradientTransformation,
+                     ) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+  """``update(grads, opt_state, params) -> (params, opt_state)``."""
+
+  def update_step(grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return update_step
+
+
+def token_spec(batch: int, seq_len: int) -> jax.ShapeDtypeStruct:
+  """Abstract int32 tokens of a batch: ``[batch, seq_len + 1]``."""
+  return jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
+
+
+# ------------------------------------------------------------------- timing --
+
+
+def block(tree: Any) -> Any:
+  """Waits for every array of ``tree``; returns it."""
+  return jax.block_until_ready(tree)
+
+
+def interleaved_medians(
+    runners: Mapping[str, Callable[[int], list[float]]],
+    rounds: int,
+) -> dict[str, dict[str, Any]]:
+  """Runs each runner once per round, all interleaved, rounds after rounds.
+
+  Args:
+    runners: name -> ``run(round_index) -> list of per-call seconds`` (the
+      runner does its own set-up and warm-up and must block on results).
+    rounds: number of rounds; the order of the runners rotates every round so
+      none is always first after another's allocation.
+
+  Returns:
+    name -> ``{"best_median_s", "median_of_medians_s", "round_medians_s"}``:
+    the best (smallest) per-round median, the median of per-round medians,
+    and all per-round medians.
+  """
+  names = list(runners)
+  per_round: dict[str, list[float]] = {n: [] for n in names}
+  for r in range(rounds):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for n in order:
+      per_round[n].append(statistics.median(runners[n](r)))
+  return {
+      n: {"best_median_s": min(v), "median_of_medians_s": statistics.median(v),
+          "round_medians_s": v}
+      for n, v in per_round.items()
+  }
+
+
+def time_calls(fn: Callable[[], Any], calls: int) -> list[float]:
+  """Seconds of each of ``calls`` consecutive blocking calls of ``fn``."""
+  times = []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    block(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def copy_bandwidth(num_bytes: int = 256 * 2**20, calls: int = 20) -> float:
+  """Bytes/s of a jitted donated ``x + 1`` on float32 (one read, one write).
+
+  Returns the best of ``calls`` timings: ``2 * num_bytes / seconds``.
+  """
+  fn = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+  state = {"x": jnp.zeros((num_bytes // 4,), jnp.float32)}
+
+  def step():
+    state["x"] = fn(state["x"])
+    return state["x"]
+
+  block(step())
+  return 2 * num_bytes / min(time_calls(step, calls))
