@@ -1,1 +1,1 @@
-"""LLaMA pre-training stack (model, data, training) for the APOLLO experiments."""
+"""LLaMA pre-training stack (model, data, training) for the APOLLO runs."""

@@ -43,7 +43,6 @@ import optax
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 from apollo_lm.sharding import constrain
-from apollo_lm.sharding import mesh_is_set
 
 # Activation layouts for `constrain`: the batch is split over both the data
 # and the fsdp axes (FSDP shards the batch like data parallelism), heads and
@@ -168,9 +167,12 @@ class Llama(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.config = config
-    # Flax shards annotated variables eagerly by default, which fails without
-    # a mesh; off a mesh the annotations are only recorded.
-    with nnx.use_eager_sharding(nnx.using_eager_sharding() and mesh_is_set()):
+    # Annotations are only recorded here, never applied (Flax would apply them
+    # eagerly, which fails without a mesh); `apollo_lm.sharding` places the
+    # params. The variables' metadata is part of the state's pytree
+    # structure, so this also keeps the state of a model built on a mesh
+    # tree-compatible with one built without (e.g. `abstract_state`).
+    with nnx.use_eager_sharding(False):
       self._build(config, rngs)
 
   def _build(self, config: LlamaConfig, rngs: nnx.Rngs):

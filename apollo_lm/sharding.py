@@ -75,7 +75,7 @@ def mesh_is_set() -> bool:
 
 
 def constrain(x: jax.Array, spec: Sequence[Any]) -> jax.Array:
-  """Hints the sharding of activation ``x``; a no-op unless :func:`mesh_is_set`."""
+  """Hints the sharding of activation ``x`` if :func:`mesh_is_set`."""
   if not mesh_is_set():
     return x
   return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
