@@ -151,6 +151,7 @@ def apollo(
   Returns:
     A ``GradientTransformation``.
   """
+  dn.check_dimension_numbers(weight_dimension_numbers, "weight_dimension_numbers")
   if not isinstance(scale_front, bool):
     raise TypeError(f"`scale_front` must be a bool, got {scale_front!r}.")
   utils.check_real("scale", scale, lambda v: v > 0.0, "> 0")
