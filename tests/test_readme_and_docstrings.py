@@ -3,20 +3,18 @@
 import doctest
 import importlib
 import pathlib
+import pkgutil
 import re
 
 import pytest
 
+import apollo_optax._src
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODULES = [
-    "apollo_optax._src.adam",
-    "apollo_optax._src.alias",
-    "apollo_optax._src.dimension_numbers",
-    "apollo_optax._src.limiter",
-    "apollo_optax._src.memory",
-    "apollo_optax._src.projection",
-    "apollo_optax._src.scale_by_apollo",
-]
+MODULES = sorted(
+    f"apollo_optax._src.{info.name}"
+    for info in pkgutil.iter_modules(apollo_optax._src.__path__)  # pylint: disable=protected-access
+)
 
 
 def test_readme_quickstart_runs():
