@@ -39,3 +39,28 @@ __all__ = (
     "scale_by_apollo",
     "state_bytes",
 )
+
+# Q-APOLLO: INT8 weights with group-wise scales (issue 7).
+from apollo_optax._src.quantization import apply_quantized_updates
+from apollo_optax._src.quantization import dequantize
+from apollo_optax._src.quantization import dequantize_params
+from apollo_optax._src.quantization import is_quantized
+from apollo_optax._src.quantization import quantize
+from apollo_optax._src.quantization import quantize_params
+from apollo_optax._src.quantization import QuantizedArray
+from apollo_optax._src.quantization import quantized_weights
+from apollo_optax._src.quantization import QuantizedWeightsState
+from apollo_optax._src.quantization import RequantizedWeights
+
+__all__ += (
+    "QuantizedArray",
+    "QuantizedWeightsState",
+    "RequantizedWeights",
+    "apply_quantized_updates",
+    "dequantize",
+    "dequantize_params",
+    "is_quantized",
+    "quantize",
+    "quantize_params",
+    "quantized_weights",
+)

@@ -39,19 +39,26 @@ def leaf_seed(path: str) -> int:
 
 
 def projection_keys(
-    seed: Any, path: str, refresh_index: jax.Array, num_matrices: int
+    seed: Any,
+    path: str,
+    refresh_index: jax.Array,
+    num_matrices: int,
+    first_matrix: Any = 0,
 ) -> jax.Array:
   """Keys of the projections of one leaf: one per matrix in its batch.
 
   The key of matrix ``b`` of the leaf at ``path`` for the ``refresh_index``-th
   projection is ``fold_in(fold_in(fold_in(key(seed), crc32(path)),
-  refresh_index), b)``.
+  refresh_index), b)``, for ``b = first_matrix, ..., first_matrix +
+  num_matrices - 1``. A non-zero ``first_matrix`` (possibly traced) gives the
+  keys of a slice of a larger batch, e.g. one layer of a scanned stack.
   """
   key = jax.random.key(seed)
   key = jax.random.fold_in(key, leaf_seed(path))
   key = jax.random.fold_in(key, refresh_index)
+  first = jnp.asarray(first_matrix, jnp.uint32)
   return jax.vmap(lambda b: jax.random.fold_in(key, b))(
-      jnp.arange(num_matrices, dtype=jnp.uint32)
+      jnp.arange(num_matrices, dtype=jnp.uint32) + first
   )
 
 

@@ -99,6 +99,13 @@ def scale_by_apollo(
      the longer side; ``"tensor"``: one Frobenius-norm ratio.
   5. Returns :math:`G \cdot s` (the raw gradient, rescaled).
 
+  ``update`` accepts the extra keyword argument ``matrix_index_offset`` (an
+  int or traced int32, default 0): the leaves are then a slice of larger
+  batches starting at that matrix, and matrix b of a leaf gets the projection
+  of matrix ``matrix_index_offset + b`` of the full leaf. A layer-wise step
+  that updates layer l of scanned ``(L, m, n)`` kernels one at a time passes
+  ``matrix_index_offset=l`` to draw the projections of the whole-stack update.
+
   Bias correction, the √scale factor, the norm-growth limiter, weight decay and
   the learning rate are separate transformations; :func:`apollo_optax.apollo`
   chains them. Every leaf given to this transformation must be matrix-like;
@@ -148,7 +155,7 @@ def scale_by_apollo(
       weight_dimension_numbers=weight_dimension_numbers,
       mu_dtype=mu_dtype,
   )
-  return base.GradientTransformation(core.init, core.update)
+  return base.GradientTransformationExtraArgs(core.init, core.update)
 
 
 class _Core(NamedTuple):
@@ -228,7 +235,7 @@ def _build(
         count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, projection=stored
     )
 
-  def leaf_factor(path, g, mu, nu, stored, layout, count):
+  def leaf_factor(path, g, mu, nu, stored, layout, count, first_matrix=0):
     """(G canonical, s broadcastable to it, new mu, new nu, projection)."""
     cdt = utils.compute_dtype(g.dtype)
     r = layout.effective_rank(rank)
@@ -241,7 +248,8 @@ def _build(
       )
     else:
       keys = proj.projection_keys(
-          seed, path, count // update_proj_gap, layout.num_matrices
+          seed, path, count // update_proj_gap, layout.num_matrices,
+          first_matrix,
       )
       p = jax.vmap(
           lambda k: projection_fn(k, (r, layout.projected_dim), cdt)
@@ -285,12 +293,15 @@ def _build(
         projection=unflatten(3) if stores_projection else None,
     )
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, matrix_index_offset=0,
+                **extra_args):
+    del params, extra_args
     paths, leaves, leaf_layouts, treedef = layouts(updates)
     results = []
     for args in zip(paths, leaves, *flat_state(state, treedef), leaf_layouts):
-      g3, factor, new_mu, new_nu, p = leaf_factor(*args, state.count)
+      g3, factor, new_mu, new_nu, p = leaf_factor(
+          *args, state.count, matrix_index_offset
+      )
       update = args[-1].from_canonical(g3 * factor).astype(args[1].dtype)
       results.append((update, new_mu, new_nu, p))
     return unflatten_results(results, treedef, state)
@@ -341,8 +352,9 @@ def scale_by_apollo_limited(
     limiter_state = norm_limiter.init(params) if norm_limiter else None
     return assemble(core.init(params), limiter_state, params)
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, matrix_index_offset=0,
+                **extra_args):
+    del params, extra_args
     apollo_state = state[0]
     limiter_state = state[2 if scale_front else 1] if norm_limiter else None
     paths, leaves, leaf_layouts, treedef = core.layouts(updates)
@@ -357,7 +369,9 @@ def scale_by_apollo_limited(
         previous,
     ):
       layout, prev = args[-2], args[-1]
-      g3, s, new_mu, new_nu, p = core.leaf_factor(*args[:-1], apollo_state.count)
+      g3, s, new_mu, new_nu, p = core.leaf_factor(
+          *args[:-1], apollo_state.count, matrix_index_offset
+      )
       total = pre_scale * post_scale
       if norm_limiter:
         g_squared = jnp.square(g3.astype(s.dtype))
@@ -383,7 +397,7 @@ def scale_by_apollo_limited(
     )
     return new_updates, assemble(new_apollo_state, new_limiter_state, None)
 
-  return base.GradientTransformation(init_fn, update_fn)
+  return base.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def optax_scale_state(params: Any) -> Any:
