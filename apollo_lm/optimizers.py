@@ -1,0 +1,302 @@
+"""Optimizers compared by the pre-training job, with the paper's defaults.
+
+One table, :data:`DEFAULTS`, holds the hyper-parameters every entry point
+(``apollo_lm.train``, ``apollo_lm.demo``, the benchmarks) uses unless told
+otherwise; :func:`make_optimizer` turns a name and a model config into an
+``optax.GradientTransformation`` with the paper's schedule (linear warm-up,
+then cosine decay to 10% of the peak learning rate, APOLLO paper A.4).
+
+Which leaves are low-rank is decided once, by
+:func:`apollo_optax.default_lowrank_mask`: the attention and MLP kernels, each
+a scanned ``(L, m, n)`` stack treated as ``L`` independent matrices. The token
+embedding, the output head and the norms get AdamW, as in the official APOLLO
+code, and GaLore uses the same split.
+
+GaLore is ``optax.contrib.galore``. Its dimension numbers (optax 0.2.8) must
+assign every axis to the reduction or the output side: it has no batch axes,
+so a ``(L, m, n)`` stack could only be projected as one ``(L*m, n)`` matrix.
+:func:`per_layer` therefore unstacks the low-rank stacks into ``L`` matrices
+before GaLore and stacks the updates back, which gives each layer its own SVD
+projector, as GaLore on an unscanned model would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Final
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib
+
+import apollo_optax
+from apollo_lm.configs import LlamaConfig
+
+OPTIMIZER_NAMES: Final[tuple[str, ...]] = (
+    "adamw", "apollo", "apollo_mini", "galore", "adafactor")
+
+MIN_LR_RATIO: Final[float] = 0.1
+"""Final learning rate of the cosine schedule, as a fraction of the peak."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerDefaults:
+  """Default hyper-parameters of one optimizer.
+
+  Attributes:
+    learning_rate: Peak learning rate of the warm-up + cosine schedule.
+    rank_divisor: Rank = ``hidden_size // rank_divisor`` for low-rank methods
+      (4 in the paper: "one-quarter of the original dimension"); None for
+      optimizers without a rank (APOLLO-Mini is always rank 1).
+    scale: APOLLO's ``scale`` (the update is multiplied by its square root) or
+      GaLore's ``scale`` (multiplies the projected-back update); None if the
+      optimizer has none.
+    b1: First-moment decay.
+    b2: Second-moment decay.
+    eps: Added to the root of the second moment.
+    update_proj_gap: Steps between projection refreshes (APOLLO, GaLore).
+  """
+
+  learning_rate: float
+  rank_divisor: int | None = None
+  scale: float | None = None
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  update_proj_gap: int = 200
+
+
+# Sources: APOLLO paper A.4 and the official repository's pre-training scripts
+# (paper.md section 5): lr 1e-2 for APOLLO and APOLLO-Mini, rank 1/4 of the
+# hidden size, gap 200, APOLLO scale 1, APOLLO-Mini scale 128 applied before
+# the norm-growth limiter, betas (0.9, 0.999), eps 1e-6 (APOLLOAdamW). AdamW is
+# the baseline of GaLore's and APOLLO's scripts, torch.optim.AdamW at lr 1e-3
+# with its default eps 1e-8. GaLore: lr 1e-2 and scale 0.25 as in the GaLore
+# paper's pre-training runs. Adafactor is not in the APOLLO paper; we use
+# optax's defaults (relative step: updates are scaled by the parameter RMS,
+# factored second moments, update clipping at 1, no momentum) with the
+# Adafactor paper's relative step size 1e-2 as the peak.
+DEFAULTS: Final[dict[str, OptimizerDefaults]] = {
+    "adamw": OptimizerDefaults(learning_rate=1e-3),
+    "apollo": OptimizerDefaults(
+        learning_rate=1e-2, rank_divisor=4, scale=1.0, eps=1e-6),
+    "apollo_mini": OptimizerDefaults(learning_rate=1e-2, scale=128.0, eps=1e-6),
+    "galore": OptimizerDefaults(learning_rate=1e-2, rank_divisor=4, scale=0.25),
+    "adafactor": OptimizerDefaults(learning_rate=1e-2),
+}
+
+
+def check_name(name: str, flag: str = "optimizer") -> None:
+  """Raises a ValueError naming ``flag`` unless ``name`` is an optimizer."""
+  if name not in DEFAULTS:
+    raise ValueError(
+        f"{flag}: unknown optimizer {name!r}; allowed: "
+        f"{', '.join(OPTIMIZER_NAMES)}.")
+
+
+def resolve_hparams(name: str, config: LlamaConfig, *,
+                    learning_rate: float | None = None,
+                    rank: int | None = None,
+                    scale: float | None = None) -> dict[str, Any]:
+  """The hyper-parameters ``name`` gets for ``config``, overrides applied.
+
+  Args:
+    name: One of :data:`OPTIMIZER_NAMES`.
+    config: The model config; its ``hidden_size`` sets the default rank.
+    learning_rate: Peak learning rate; None for the default.
+    rank: Projection rank; None for ``hidden_size // rank_divisor``.
+    scale: APOLLO/GaLore scale; None for the default.
+
+  Returns:
+    A JSON-serialisable dict with ``learning_rate``, ``rank``, ``scale``,
+    ``b1``, ``b2``, ``eps`` and ``update_proj_gap`` (``rank``/``scale`` None
+    where they do not apply), for logs and summaries.
+
+  Raises:
+    ValueError: unknown ``name``, or a rank/scale for an optimizer without.
+  """
+  check_name(name)
+  defaults = DEFAULTS[name]
+  if rank is not None and defaults.rank_divisor is None:
+    raise ValueError(
+        f"rank: {name!r} has no rank to set (only apollo and galore do; "
+        "apollo_mini is rank 1).")
+  if scale is not None and defaults.scale is None:
+    raise ValueError(f"scale: {name!r} has no scale to set.")
+  if defaults.rank_divisor is not None and rank is None:
+    rank = max(1, config.hidden_size // defaults.rank_divisor)
+  elif name == "apollo_mini":
+    rank = 1
+  return dict(
+      learning_rate=(defaults.learning_rate if learning_rate is None
+                     else learning_rate),
+      rank=rank,
+      scale=defaults.scale if scale is None else scale,
+      b1=defaults.b1, b2=defaults.b2, eps=defaults.eps,
+      update_proj_gap=defaults.update_proj_gap)
+
+
+def make_schedule(peak_value: float, total_steps: int,
+                  warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to ``peak_value``, then cosine to 10% of it.
+
+  ``total_steps`` includes the warm-up (``optax.warmup_cosine_decay_schedule``
+  counts ``decay_steps`` from step 0).
+  """
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(
+        f"warmup_steps={warmup_steps} must be in [0, total_steps="
+        f"{total_steps}).")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak_value, warmup_steps=warmup_steps,
+      decay_steps=total_steps, end_value=MIN_LR_RATIO * peak_value)
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay applies to matrices only, not to norm scales or scalars.
+
+  Also right for :func:`per_layer` trees, whose layer tuples hold matrices.
+  """
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def _is_stacked(leaf: Any, is_lowrank: bool) -> bool:
+  return is_lowrank and leaf.ndim == 3
+
+
+def per_layer(inner: optax.GradientTransformation,
+              lowrank_mask: Callable[[Any], Any]
+              ) -> optax.GradientTransformation:
+  """Runs ``inner`` on the layers of each stacked low-rank leaf separately.
+
+  Every low-rank leaf of shape ``(L, m, n)`` is replaced by a tuple of ``L``
+  ``(m, n)`` matrices before ``inner`` sees the tree, and ``inner``'s updates
+  are stacked back; the other leaves pass unchanged. ``inner``'s state holds
+  per-layer leaves.
+
+  Args:
+    inner: The transformation to apply, e.g. ``optax.contrib.galore``.
+    lowrank_mask: Maps params to a pytree of bools: which leaves to unstack.
+  """
+
+  def unstack(tree: Any, mask: Any) -> Any:
+    return jax.tree.map(
+        lambda x, low: tuple(x) if _is_stacked(x, low) else x, tree, mask)
+
+  def stack(tree: Any, like: Any, mask: Any) -> Any:
+    return jax.tree.map(
+        lambda ref, low, x: jnp.stack(x) if _is_stacked(ref, low) else x,
+        like, mask, tree, is_leaf=lambda x: isinstance(x, tuple))
+
+  def init_fn(params: Any) -> optax.OptState:
+    return inner.init(unstack(params, lowrank_mask(params)))
+
+  def update_fn(updates: Any, state: optax.OptState,
+                params: Any = None) -> tuple[Any, optax.OptState]:
+    mask = lowrank_mask(updates)
+    unstacked_params = None if params is None else unstack(params, mask)
+    new_updates, state = inner.update(
+        unstack(updates, mask), state, unstacked_params)
+    return stack(new_updates, updates, mask), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def galore_dimension_numbers(params: Any) -> Any:
+  """GaLore dimension numbers for per-layer (unstacked) params.
+
+  Low-rank matrices (after :func:`per_layer`) are ``(m, n)`` with the
+  default axes; every other leaf gets None, i.e. plain Adam in GaLore.
+  """
+
+  def dims(subtree: Any, low: bool) -> Any:
+    spec = contrib.GaLoreDimensionNumbers() if low else None
+    if isinstance(subtree, tuple):
+      return tuple(spec for _ in subtree)
+    return spec
+
+  mask = _unstacked_mask(params)
+  return jax.tree.map(dims, params, mask,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _unstacked_mask(params: Any) -> Any:
+  """``default_lowrank_mask`` for a tree whose stacks are tuples of layers."""
+
+  def restack(x: Any) -> Any:
+    return (jax.ShapeDtypeStruct((len(x),) + x[0].shape, x[0].dtype)
+            if isinstance(x, tuple) else x)
+
+  stacked = jax.tree.map(restack, params, is_leaf=lambda x: isinstance(x, tuple))
+  return apollo_optax.default_lowrank_mask(stacked)
+
+
+def make_optimizer(
+    name: str,
+    *,
+    learning_rate: float | optax.Schedule | None = None,
+    total_steps: int,
+    warmup_steps: int,
+    config: LlamaConfig,
+    rank: int | None = None,
+    scale: float | None = None,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+  """Builds optimizer ``name`` with the paper's schedule and defaults.
+
+  Args:
+    name: One of :data:`OPTIMIZER_NAMES`.
+    learning_rate: Peak learning rate (a float, wrapped in the warm-up +
+      cosine schedule), a schedule used as is, or None for the default peak.
+    total_steps: Length of the schedule (including warm-up).
+    warmup_steps: Linear warm-up steps.
+    config: Model config; sets the default rank (``hidden_size // 4``).
+    rank: Projection rank of ``apollo``/``galore``; None for the default.
+    scale: ``scale`` of ``apollo``/``apollo_mini``/``galore``; None for the
+      default.
+    weight_decay: Decoupled weight decay on matrices (0 in the paper).
+    grad_clip: If set, clip the global gradient norm to it first.
+    seed: Seed of APOLLO's random projections.
+
+  Returns:
+    The ``optax.GradientTransformation``.
+
+  Raises:
+    ValueError: unknown ``name``, bad warm-up, or a rank/scale that the
+      optimizer does not take.
+  """
+  peak = None if callable(learning_rate) else learning_rate
+  hp = resolve_hparams(name, config, learning_rate=peak, rank=rank, scale=scale)
+  schedule = (learning_rate if callable(learning_rate)
+              else make_schedule(hp["learning_rate"], total_steps,
+                                 warmup_steps))
+  common = dict(b1=hp["b1"], b2=hp["b2"], eps=hp["eps"])
+  apollo_common = dict(
+      common, weight_decay=weight_decay, weight_decay_mask=decay_mask,
+      update_proj_gap=hp["update_proj_gap"], seed=seed, scale=hp["scale"])
+  if name == "adamw":
+    tx = optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask,
+                     **common)
+  elif name == "apollo":
+    tx = apollo_optax.apollo(schedule, hp["rank"], **apollo_common)
+  elif name == "apollo_mini":
+    tx = apollo_optax.apollo_mini(schedule, scale_front=True, **apollo_common)
+  elif name == "galore":
+    tx = per_layer(
+        contrib.galore(
+            schedule, rank=hp["rank"], update_proj_gap=hp["update_proj_gap"],
+            scale=hp["scale"], base_optimizer=optax.scale_by_adam(**common),
+            weight_decay=weight_decay, mask=decay_mask,
+            weight_dimension_numbers=galore_dimension_numbers),
+        apollo_optax.default_lowrank_mask)
+  else:  # adafactor
+    tx = optax.adafactor(schedule, weight_decay_rate=weight_decay or None,
+                         weight_decay_mask=decay_mask)
+  if grad_clip is not None:
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+  return tx
+
