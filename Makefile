@@ -22,3 +22,19 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) results .cache
+
+# CPU benchmark set (< 20 min on 2 cores): results in benchmarks/results/.
+# Timed with `time make bench`; see benchmarks/README.md.
+bench: $(STAMP)
+	$(PY) -m benchmarks.memory
+	$(PY) -m benchmarks.step_memory --configs 1b 7b
+	$(PY) -m benchmarks.update_speed --configs 60m
+	$(PY) -m benchmarks.update_speed --configs 130m 350m --rounds 3 --calls 6 --out-name update_speed_large
+	$(PY) -m benchmarks.throughput
+
+# Our update vs the official apollo_torch on the 60M shapes; torch lives in a
+# side venv only (never a project dependency).
+bench-torch: $(STAMP)
+	test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
+	.venv-torch/bin/python -m pip install --quiet torch==2.13.0 apollo-torch==1.0.3 transformers
+	$(PY) -m benchmarks.update_speed --configs 60m --torch-python .venv-torch/bin/python --out-name update_speed_torch

@@ -28,6 +28,7 @@ import optax
 
 import apollo_optax
 from apollo_lm import model as model_lib
+from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -153,6 +154,11 @@ OPTIMIZERS = ("adamw", "apollo", "apollo_mini", "galore", "adafactor",
               "sgd_momentum")
 
 
+def smoke_config(**overrides: Any) -> LlamaConfig:
+  """The ``tiny`` shape with a 512-token vocabulary, for ``--smoke`` runs."""
+  return get_config("tiny", vocab_size=512, **overrides)
+
+
 def paper_rank(config: LlamaConfig) -> int:
   """APOLLO/GaLore rank of the paper: hidden/4 up to 1B, 256 above."""
   return config.hidden_size // 4 if config.hidden_size <= 2048 else 256
@@ -160,25 +166,36 @@ def paper_rank(config: LlamaConfig) -> int:
 
 def _per_layer(tx: optax.GradientTransformation,
                ) -> optax.GradientTransformation:
-  """Applies ``tx`` independently to each slice along every leaf's axis 0.
+  """Applies ``tx`` to the ``L`` slices of every stacked ``(L, ...)`` leaf.
 
-  Stacked ``(L, m, n)`` layer weights become ``L`` matrices for optimizers
-  (GaLore) that only understand 2-D leaves.
+  The slices are handed to ``tx`` as separate leaves, so an optimizer that
+  only understands 2-D leaves (GaLore) gets one matrix per layer, with its
+  own projector, as in a model with unstacked layers.
   """
-  return optax.GradientTransformation(
-      jax.vmap(tx.init), jax.vmap(tx.update))
+
+  def split(tree):
+    return jax.tree.map(lambda x: [x[i] for i in range(x.shape[0])], tree)
+
+  def update_fn(updates, state, params=None):
+    del params
+    new, state = tx.update(split(updates), state)
+    treedef = jax.tree.structure(updates)
+    stacked = [jnp.stack(slices) for slices in treedef.flatten_up_to(new)]
+    return treedef.unflatten(stacked), state
+
+  return optax.GradientTransformation(lambda p: tx.init(split(p)), update_fn)
 
 
 def galore(learning_rate: float, rank: int, *, update_proj_gap: int = 200,
            ) -> optax.GradientTransformation:
-  """``optax.contrib.galore`` on APOLLO's low-rank leaves, per layer.
+  """GaLore (``optax.contrib.scale_by_galore``) per layer, APOLLO's leaves.
 
   The same leaves as APOLLO (:func:`apollo_optax.default_lowrank_mask`) get
   GaLore's projected Adam, one projection per layer of a stacked ``(L, m, n)``
   weight; all other leaves get Adam. Weight decay 0, as the paper's scripts.
   """
-  matrix = _per_layer(optax.contrib.galore(
-      1.0, rank=rank, update_proj_gap=update_proj_gap))
+  matrix = _per_layer(optax.contrib.scale_by_galore(
+      rank=rank, update_proj_gap=update_proj_gap))
 
   def labels(params):
     mask = apollo_optax.default_lowrank_mask(params)
@@ -333,18 +350,3 @@ def time_calls(fn: Callable[[], Any], calls: int) -> list[float]:
     times.append(time.perf_counter() - t0)
   return times
 
-
-def copy_bandwidth(num_bytes: int = 256 * 2**20, calls: int = 20) -> float:
-  """Bytes/s of a jitted donated ``x + 1`` on float32 (one read, one write).
-
-  Returns the best of ``calls`` timings: ``2 * num_bytes / seconds``.
-  """
-  fn = jax.jit(lambda x: x + 1.0, donate_argnums=0)
-  state = {"x": jnp.zeros((num_bytes // 4,), jnp.float32)}
-
-  def step():
-    state["x"] = fn(state["x"])
-    return state["x"]
-
-  block(step())
-  return 2 * num_bytes / min(time_calls(step, calls))

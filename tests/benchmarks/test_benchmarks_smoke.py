@@ -1,0 +1,96 @@
+"""Smoke tests: every benchmark script runs in ``--smoke`` mode and writes
+results of the expected structure with sane values.
+
+The scripts run as subprocesses (their own JAX runtime, one CPU device, not
+this session's eight virtual ones), all four at once.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPTS = ("memory", "step_memory", "update_speed", "throughput")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, dict]:
+  out = tmp_path_factory.mktemp("bench")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = {
+      name: subprocess.Popen(
+          [sys.executable, "-m", f"benchmarks.{name}", "--smoke",
+           "--out-dir", str(out)],
+          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          text=True)
+      for name in SCRIPTS}
+  loaded = {}
+  for name, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{name} failed:\n{err[-3000:]}"
+    assert (out / f"{name}.md").read_text().startswith(f"# {name}")
+    loaded[name] = json.loads((out / f"{name}.json").read_text())
+  return loaded
+
+
+def _check_metadata(meta: dict) -> None:
+  assert "benchmarks" in meta["command"] and "--smoke" in meta["command"]
+  assert meta["hardware"]["cpus"] >= 1
+  assert set(meta["versions"]) >= {"python", "jax", "jaxlib", "optax", "flax"}
+
+
+def test_memory(results):
+  r = results["memory"]
+  _check_metadata(r["metadata"])
+  for dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
+    for row in r[dtype].values():
+      opts = row["optimizers"]
+      assert row["weights_bytes"] == row["params"] * itemsize
+      # AdamW keeps exactly two moments plus its int32 counter.
+      assert opts["adamw"]["state_bytes"] == 2 * row["weights_bytes"] + 4
+      for entry in opts.values():
+        assert 0 <= entry["scalars_bytes"] < 4096
+      assert (opts["apollo_mini"]["state_bytes"]
+              < opts["apollo"]["state_bytes"]
+              < opts["adamw"]["state_bytes"])
+
+
+def test_step_memory(results):
+  r = results["step_memory"]
+  _check_metadata(r["metadata"])
+  by_opt = r["configs"]["smoke"]
+  for entry in by_opt.values():
+    small, large = entry["by_batch"]["1"], entry["by_batch"]["2"]
+    assert 0 < small["total_bytes"] < large["total_bytes"] < 2**32
+    assert small["alias_bytes"] > 0  # params and state were donated
+    assert entry["fit"]["bytes_per_sample"] > 0
+    assert entry["fit"]["max_batch_80gib"] > 1
+  assert (by_opt["apollo_mini"]["update_only"]["argument_bytes"]
+          < by_opt["adamw"]["update_only"]["argument_bytes"])
+
+
+def test_update_speed(results):
+  r = results["update_speed"]
+  _check_metadata(r["metadata"])
+  cfg = r["configs"]["smoke"]
+  assert 0.1 < cfg["copy_bandwidth_gbs"] < 1000
+  for t in cfg["timings"].values():
+    assert len(t["round_medians_s"]) == 2
+    assert 0 < t["best_median_s"] < 30
+    assert 0 < t["floor_fraction"] <= 1.5
+  assert cfg["timings"]["adamw"]["vs_adamw"] == 1.0
+
+
+def test_throughput(results):
+  r = results["throughput"]
+  _check_metadata(r["metadata"])
+  timings = r["configs"]["smoke"]["timings"]
+  assert set(timings) == {"adamw", "apollo_mini"}
+  for t in timings.values():
+    assert t["tokens_per_s"] == pytest.approx(
+        t["batch"] * r["seq_len"] / t["best_median_s"])
+    assert t["tokens_per_s"] > 0
