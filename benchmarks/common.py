@@ -25,9 +25,11 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
+from optax import contrib
 
 import apollo_optax
 from apollo_lm import model as model_lib
+from apollo_lm import optimizers
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 
@@ -62,6 +64,18 @@ def _git_commit() -> str:
     return "unknown"
 
 
+def _git_dirty() -> list[str]:
+  """Tracked files with uncommitted changes (the tree is shared)."""
+  try:
+    out = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, check=True,
+        cwd=pathlib.Path(__file__).parent).stdout
+  except (OSError, subprocess.CalledProcessError):
+    return []
+  return [line[3:] for line in out.splitlines()]
+
+
 def metadata() -> dict[str, Any]:
   """Hardware, software versions and the exact command of this run."""
   import flax  # pylint: disable=g-import-not-at-top
@@ -73,6 +87,7 @@ def metadata() -> dict[str, Any]:
       "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "git_commit": _git_commit(),
+      "git_modified_files": _git_dirty(),
       "hardware": {
           "cpu_model": cpu.get("Model name", platform.processor()),
           "cpus": os.cpu_count(),
@@ -109,7 +124,8 @@ def metadata_markdown(meta: Mapping[str, Any]) -> str:
   hw, v = meta["hardware"], meta["versions"]
   return (
       f"Command: `{meta['command']}`  \n"
-      f"Date: {meta['date_utc']}, commit {meta['git_commit']}  \n"
+      f"Date: {meta['date_utc']}, commit {meta['git_commit']} (uncommitted "
+      f"changes: {', '.join(meta['git_modified_files']) or 'none'})  \n"
       f"Hardware: {hw['cpu_model']}, {hw['cpus']} CPUs, "
       f"{hw['memory_gib']} GiB, backend {hw['backend']}  \n"
       f"Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, "
@@ -164,74 +180,36 @@ def paper_rank(config: LlamaConfig) -> int:
   return config.hidden_size // 4 if config.hidden_size <= 2048 else 256
 
 
-def _per_layer(tx: optax.GradientTransformation,
-               ) -> optax.GradientTransformation:
-  """Applies ``tx`` to the ``L`` slices of every stacked ``(L, ...)`` leaf.
-
-  The slices are handed to ``tx`` as separate leaves, so an optimizer that
-  only understands 2-D leaves (GaLore) gets one matrix per layer, with its
-  own projector, as in a model with unstacked layers.
-  """
-
-  def split(tree):
-    return jax.tree.map(lambda x: [x[i] for i in range(x.shape[0])], tree)
-
-  def update_fn(updates, state, params=None):
-    del params
-    new, state = tx.update(split(updates), state)
-    treedef = jax.tree.structure(updates)
-    stacked = [jnp.stack(slices) for slices in treedef.flatten_up_to(new)]
-    return treedef.unflatten(stacked), state
-
-  return optax.GradientTransformation(lambda p: tx.init(split(p)), update_fn)
-
-
-def galore(learning_rate: float, rank: int, *, update_proj_gap: int = 200,
-           ) -> optax.GradientTransformation:
-  """GaLore (``optax.contrib.scale_by_galore``) per layer, APOLLO's leaves.
-
-  The same leaves as APOLLO (:func:`apollo_optax.default_lowrank_mask`) get
-  GaLore's projected Adam, one projection per layer of a stacked ``(L, m, n)``
-  weight; all other leaves get Adam. Weight decay 0, as the paper's scripts.
-  """
-  matrix = _per_layer(optax.contrib.scale_by_galore(
-      rank=rank, update_proj_gap=update_proj_gap))
-
-  def labels(params):
-    mask = apollo_optax.default_lowrank_mask(params)
-    return jax.tree.map(
-        lambda lowrank, p: "galore" if lowrank and p.ndim == 3 else "adam",
-        mask, params)
-
-  return optax.chain(
-      optax.partition({"galore": optax.chain(matrix, optax.scale(-1.0)),
-                       "adam": optax.adam(1.0)}, labels),
-      optax.scale_by_learning_rate(learning_rate, flip_sign=False))
-
-
-def make_tx(name: str, config: LlamaConfig, *, learning_rate: float = 1e-3,
-            mu_dtype: Any = None, galore_gap: int = 200,
+def make_tx(name: str, config: LlamaConfig, *, mu_dtype: Any = None,
             ) -> optax.GradientTransformation:
   """The optimizer ``name`` (one of :data:`OPTIMIZERS`) for ``config``.
 
-  APOLLO and GaLore use :func:`paper_rank`; APOLLO-Mini and APOLLO use the
-  library defaults (which are the paper's). ``mu_dtype`` sets the moment dtype
-  of AdamW and APOLLO(-Mini) (for bfloat16 states with float32 params).
+  ``apollo_lm.optimizers.make_optimizer`` with its (the paper's) defaults and
+  :func:`paper_rank`; the schedule does not matter here. ``sgd_momentum`` is
+  ``optax.sgd(momentum=0.9)``. ``mu_dtype`` (bfloat16 states of APOLLO with
+  bfloat16 params, whose moments otherwise stay at least float32) builds
+  ``apollo_optax.apollo``/``apollo_mini`` directly with that moment dtype.
   """
-  rank = paper_rank(config)
-  if name == "adamw":
-    return optax.adamw(learning_rate, mu_dtype=mu_dtype, weight_decay=0.0)
-  if name == "apollo":
-    return apollo_optax.apollo(learning_rate, rank, mu_dtype=mu_dtype)
-  if name == "apollo_mini":
-    return apollo_optax.apollo_mini(learning_rate, mu_dtype=mu_dtype)
-  if name == "galore":
-    return galore(learning_rate, rank, update_proj_gap=galore_gap)
-  if name == "adafactor":
-    return optax.adafactor(learning_rate)
   if name == "sgd_momentum":
-    return optax.sgd(learning_rate, momentum=0.9)
-  raise ValueError(f"make_tx: unknown optimizer {name!r}; one of {OPTIMIZERS}.")
+    return optax.sgd(1e-3, momentum=0.9)
+  rank = paper_rank(config) if name in ("apollo", "galore") else None
+  if mu_dtype is not None and name == "apollo":
+    return apollo_optax.apollo(1e-2, rank, mu_dtype=mu_dtype)
+  if mu_dtype is not None and name == "apollo_mini":
+    return apollo_optax.apollo_mini(1e-2, mu_dtype=mu_dtype)
+  return optimizers.make_optimizer(name, total_steps=1000, warmup_steps=100,
+                                   config=config, rank=rank)
+
+
+def force_galore_refresh(state: Any) -> Any:
+  """``state`` with every GaLore step counter at 0.
+
+  The next update then refreshes the projectors (runs the SVDs).
+  """
+  return jax.tree.map(
+      lambda s: s._replace(count=jnp.zeros_like(s.count))
+      if isinstance(s, contrib.GaLoreState) else s,
+      state, is_leaf=lambda s: isinstance(s, contrib.GaLoreState))
 
 
 # --------------------------------------------------------------- train step --
