@@ -20,6 +20,7 @@ from apollo_optax._src.memory import state_bytes
 from apollo_optax._src.projection import gaussian_projection
 from apollo_optax._src.scale_by_apollo import scale_by_apollo
 from apollo_optax._src.scale_by_apollo import ScaleByApolloState
+from apollo_optax._src.sharding import state_shardings
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = (
     "scale_by_adam_moments",
     "scale_by_apollo",
     "state_bytes",
+    "state_shardings",
 )
 
 # Q-APOLLO: INT8 weights with group-wise scales (issue 7).

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from optax._src import base
 from optax._src import numerics
 
+from apollo_optax._src import sharding as shd
 from apollo_optax._src import utils
 
 
@@ -65,8 +66,10 @@ def scale_by_adam_moments(
   mu_dtype = utils.canonicalize_dtype(mu_dtype, "mu_dtype")
 
   def init_fn(params):
-    def zeros(p):
-      return jnp.zeros(p.shape, mu_dtype or utils.compute_dtype(p.dtype))
+    def zeros(p):  # Sharded like p.
+      dtype = mu_dtype or utils.compute_dtype(p.dtype)
+      same_axes = shd.Derivation(tuple(range(len(p.shape))))
+      return shd.zeros(p, p.shape, dtype, same_axes)
 
     mu = jax.tree.map(zeros, params)
     return ScaleByAdamMomentsState(mu=mu, nu=jax.tree.map(jnp.zeros_like, mu))

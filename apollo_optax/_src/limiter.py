@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from optax._src import base
 
 from apollo_optax._src import dimension_numbers as dn
+from apollo_optax._src import sharding as shd
 from apollo_optax._src import utils
 
 # Added to the previous norm, as in the official implementation.
@@ -101,12 +102,20 @@ def norm_growth_limiter(
 
   def init_fn(params):
     leaves, dims, treedef = leaf_info(params)
-    norms = []
+    norms, derivations = [], []
     for leaf, leaf_dims in zip(leaves, dims):
-      _, layout = _per_matrix_layout(leaf, leaf_dims)
+      batch_axes, layout = _per_matrix_layout(leaf, leaf_dims)
       shape = layout.batch_shape if layout is not None else ()
-      norms.append(jnp.zeros(shape, utils.compute_dtype(leaf.dtype)))
-    return NormGrowthLimiterState(previous_norm=treedef.unflatten(norms))
+      # Sharded like the parameter's batch axes.
+      derivations.append(shd.Derivation(batch_axes))
+      norms.append(shd.zeros(
+          leaf, shape, utils.compute_dtype(leaf.dtype), derivations[-1]
+      ))
+    return NormGrowthLimiterState(
+        previous_norm=shd.relabel_variables(
+            treedef.unflatten(norms), derivations
+        )
+    )
 
   def leaf_update(u, previous, leaf_dims):
     cdt = previous.dtype

@@ -13,6 +13,7 @@ from optax._src import numerics
 from apollo_optax._src import dimension_numbers as dn
 from apollo_optax._src import limiter
 from apollo_optax._src import projection as proj
+from apollo_optax._src import sharding as shd
 from apollo_optax._src import utils
 
 SCALE_TYPES = ("channel", "tensor")
@@ -212,15 +213,19 @@ def _build(
 
   def init_fn(params):
     _, leaves, leaf_layouts, treedef = layouts(params)
+    # Sharded like the parameter along its kept and batch axes (see sharding).
+    derivations = [shd.lowrank_derivation(layout) for layout in leaf_layouts]
     moments = [
-        jnp.zeros(layout.lowrank_shape(rank), state_dtype(leaf))
-        for leaf, layout in zip(leaves, leaf_layouts)
+        shd.zeros(leaf, layout.lowrank_shape(rank), state_dtype(leaf), d)
+        for leaf, layout, d in zip(leaves, leaf_layouts, derivations)
     ]
-    mu = treedef.unflatten(moments)
-    nu = treedef.unflatten([jnp.zeros_like(m) for m in moments])
+    mu = shd.relabel_variables(treedef.unflatten(moments), derivations)
+    nu = shd.relabel_variables(
+        treedef.unflatten([jnp.zeros_like(m) for m in moments]), derivations
+    )
     stored = None
     if stores_projection:
-      stored = treedef.unflatten([
+      stored = shd.relabel_variables(treedef.unflatten([
           jnp.zeros(
               (
                   layout.num_matrices,
@@ -230,7 +235,7 @@ def _build(
               utils.compute_dtype(leaf.dtype),
           )
           for leaf, layout in zip(leaves, leaf_layouts)
-      ])
+      ]), [shd.Derivation((None, None, None))] * len(leaves))
     return ScaleByApolloState(
         count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, projection=stored
     )
@@ -255,18 +260,28 @@ def _build(
           lambda k: projection_fn(k, (r, layout.projected_dim), cdt)
       )(keys).astype(cdt)
     g3c = g3.astype(cdt)
-    if layout.tall:
-      low = jnp.einsum("bmn,brn->bmr", g3c, p)
-    else:
-      low = jnp.einsum("brm,bmn->brn", p, g3c)
     m = layout.lowrank_to_canonical(mu).astype(cdt)
     v = layout.lowrank_to_canonical(nu).astype(cdt)
+    # With sharding in types, R keeps G's sharding on the kept axis: a sharded
+    # contracted axis of G is reduced into R, G is never moved. R then takes
+    # the moments' sharding (a local slice when they are sharded further).
+    out = shd.lowrank_sharding(g3, rank_axis=2 if layout.tall else 1)
+    if layout.tall:
+      low = jnp.einsum("bmn,brn->bmr", g3c, p, out_sharding=out)
+    else:
+      low = jnp.einsum("brm,bmn->brn", p, g3c, out_sharding=out)
+    if out is not None:
+      low = jax.sharding.reshard(low, shd.explicit_sharding(m))
     m = b1 * m + (1.0 - b1) * low
     v = b2 * v + (1.0 - b2) * jnp.square(low)
     normalized = m / (jnp.sqrt(v) + eps)
     factor = apollo_scaling_factor(
         low, normalized, tall=layout.tall, scale_type=scale_type
     )
+    # The moments may be sharded where G is not: gather the (small) factors.
+    target = shd.broadcast_sharding(factor, g3)
+    if target is not None:
+      factor = jax.sharding.reshard(factor, target)
     new_mu = layout.lowrank_from_canonical(m).astype(mu.dtype)
     new_nu = layout.lowrank_from_canonical(v).astype(nu.dtype)
     return g3, factor, new_mu, new_nu, p if stores_projection else None
