@@ -322,8 +322,12 @@ def quantized_weights(
   inner = base.with_extra_args_support(inner)
 
   def init_fn(params):
+    # A fresh buffer: states may be donated, and several states (e.g. one per
+    # group of a layer-wise step) start from the same key.
+    fresh_key = jax.random.wrap_key_data(
+        jnp.array(jax.random.key_data(key), copy=True))
     return QuantizedWeightsState(
-        key=key, inner_state=inner.init(dequantize_params(params))
+        key=fresh_key, inner_state=inner.init(dequantize_params(params))
     )
 
   def update_fn(updates, state, params=None, **extra_args):

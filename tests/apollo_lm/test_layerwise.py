@@ -1,0 +1,205 @@
+"""Tests of the layer-wise train step, Q-APOLLO training and its memory."""
+
+import dataclasses
+import pathlib
+import sysconfig
+
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import apollo_optax
+from apollo_lm import configs
+from apollo_lm import data
+from apollo_lm import layerwise
+from apollo_lm import model as model_lib
+
+pytestmark = pytest.mark.xdist_group("apollo_lm_layerwise")
+
+SMALL = configs.LlamaConfig(
+    name="test", hidden_size=32, intermediate_size=64, num_heads=4,
+    num_layers=2, vocab_size=64, max_seq_len=32, dtype=jnp.float32,
+    remat=True)
+
+
+def _params(config: configs.LlamaConfig, seed: int = 0):
+  """(graphdef, plain-dict params) of a Llama, initialised in one jit."""
+  abstract = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def init():
+    model = model_lib.Llama(config, rngs=nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+  return nnx.graphdef(abstract), init()
+
+
+def _ordinary_step(graphdef, tx):
+  """Whole gradient, then ``tx.update``: the reference."""
+
+  def loss_fn(params, tokens):
+    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+    return model_lib.cross_entropy_loss(logits, tokens[:, 1:])
+
+  def step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def test_matrix_index_offset_draws_the_stack_projection():
+  w = jax.random.normal(jax.random.key(0), (3, 16, 8))
+  g = jax.random.normal(jax.random.key(1), (3, 16, 8))
+  with_norm = lambda x: {"layers": {"w": x, "norm": jnp.ones((3, 8))}}
+  cases = [(apollo_optax.apollo(1e-2, rank=2), with_norm),
+           (apollo_optax.apollo_mini(1e-2), with_norm),
+           (apollo_optax.scale_by_apollo(rank=2), lambda x: {"layers": {"w": x}})]
+  for tx, tree in cases:
+
+    @jax.jit
+    def run(params, grads):
+      full, _ = tx.update(grads, tx.init(params), params)
+      parts = []
+      for l in (1, 2):
+        p_l, g_l = jax.tree.map(lambda x: x[l], (params, grads))
+        state = tx.init(p_l)
+        shifted, _ = tx.update(g_l, state, p_l, matrix_index_offset=l)
+        unshifted, _ = tx.update(g_l, state, p_l)
+        parts.append((shifted, unshifted))
+      return full, parts
+
+    full, parts = run(tree(w), tree(g))
+    for l, (shifted, unshifted) in zip((1, 2), parts):
+      np.testing.assert_allclose(shifted["layers"]["w"],
+                                 full["layers"]["w"][l], rtol=1e-6, atol=1e-7)
+      assert not np.allclose(unshifted["layers"]["w"], full["layers"]["w"][l])
+
+
+@pytest.mark.parametrize("name", ["adamw", "apollo", "apollo_mini"])
+def test_layerwise_matches_ordinary_step(name):
+  graphdef, params = _params(SMALL)
+  schedule = optax.linear_schedule(1e-2, 5e-3, 4)
+  tx = {
+      "adamw": optax.adamw(schedule, weight_decay=0.1),
+      # update_proj_gap=2: the projections are refreshed during the test.
+      "apollo": apollo_optax.apollo(schedule, rank=4, update_proj_gap=2,
+                                    weight_decay=0.1),
+      "apollo_mini": apollo_optax.apollo_mini(schedule, update_proj_gap=2),
+  }[name]
+  ordinary = jax.jit(_ordinary_step(graphdef, tx))
+  lw = jax.jit(layerwise.make_layerwise_train_step(SMALL, tx))
+  p1, s1 = params, jax.jit(tx.init)(params)
+  p2, s2 = params, jax.jit(layerwise.init_layerwise_state,
+                           static_argnums=0)(tx, params)
+  all_tokens = jax.random.randint(jax.random.key(1), (4, 2, 17), 0, 64)
+  for tokens in all_tokens:
+    p1, s1, loss1 = ordinary(p1, s1, tokens)
+    p2, s2, loss2 = lw(p2, s2, tokens)
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
+  chex.assert_trees_all_close(p2, p1, atol=1e-6, rtol=0)
+  # The parameters did move (well beyond the tolerance).
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), p1, params)
+  assert min(jax.tree.leaves(moved)) > 1e-4
+  if name != "adamw":
+    # The limiter's remembered norms are the ordinary state's, per layer.
+    limiter = lambda s: next(
+        x for x in s[0].inner_states["apollo"].inner_state
+        if isinstance(x, apollo_optax.NormGrowthLimiterState)
+    ).previous_norm["layers"]
+    chex.assert_trees_all_close(limiter(s2.layers), limiter(s1), rtol=1e-5)
+
+
+def test_check_layerwise_options():
+  layerwise.check_layerwise_options(grad_clip=None, grad_accum=1)
+  with pytest.raises(ValueError, match="global gradient norm"):
+    layerwise.check_layerwise_options(grad_clip=1.0)
+  with pytest.raises(ValueError, match="accumulate"):
+    layerwise.check_layerwise_options(grad_accum=4)
+  with pytest.raises(ValueError, match="parameter keys"):
+    layerwise.split_params({"embed": {}})
+
+
+def _corpus(tmp_path, monkeypatch):
+  monkeypatch.setenv("APOLLO_LM_CACHE", str(tmp_path / "cache"))
+  lib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  train = [lib / f for f in ("argparse.py", "dataclasses.py", "textwrap.py",
+                             "inspect.py", "enum.py")]
+  return data.load_corpus(train + [lib / "typing.py"],
+                          eval_paths=[lib / "typing.py"], vocab_size=512)
+
+
+@pytest.mark.slow
+def test_q_apollo_mini_trains_like_apollo_mini(tmp_path, monkeypatch):
+  corpus = _corpus(tmp_path, monkeypatch)
+  config = configs.get_config("tiny", vocab_size=corpus.vocab_size,
+                              dtype=jnp.float32, max_seq_len=64)
+  graphdef, params = _params(config)
+  steps, batches = 60, corpus.batches(8, 64, seed=0)
+  evals = [np.concatenate([x, y[:, -1:]], axis=1)
+           for x, y in corpus.eval_batches(4, 8, 64)]
+
+  @jax.jit
+  def eval_loss(params):
+    params = apollo_optax.dequantize_params(params)
+    losses = [model_lib.cross_entropy_loss(
+        nnx.merge(graphdef, params)(t[:, :-1]), t[:, 1:]) for t in evals]
+    return jnp.mean(jnp.stack(losses))
+
+  def train(quantized):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, steps, 1e-3)
+    tx = apollo_optax.apollo_mini(schedule)
+    p = jax.tree.map(jnp.copy, params)  # the step donates its inputs
+    if quantized:
+      # tiny's down_proj has 352 input rows: groups of 32 divide it.
+      p = layerwise.quantize_llama_params(p, group_size=32)
+      tx = apollo_optax.quantized_weights(tx, key=jax.random.key(0))
+    state = layerwise.init_layerwise_state(tx, p)
+    step = jax.jit(layerwise.make_layerwise_train_step(config, tx),
+                   donate_argnums=(0, 1))
+    start = float(eval_loss(p))
+    for i in range(steps):
+      x, y = batches.batch(i)
+      p, state, _ = step(p, state, jnp.asarray(
+          np.concatenate([x, y[:, -1:]], axis=1)))
+    return start, float(eval_loss(p)), p
+
+  start_q, end_q, pq = train(True)
+  start, end, _ = train(False)
+  assert apollo_optax.is_quantized(pq["layers"]["attn"]["q_proj"]["kernel"])
+  assert pq["layers"]["attn"]["q_proj"]["kernel"].values.dtype == jnp.int8
+  assert end < start - 1.0 and end_q < start_q - 1.0
+  print(f"held-out loss: APOLLO-Mini {start:.3f} -> {end:.3f}, Q-APOLLO-Mini"
+        f" {start_q:.3f} -> {end_q:.3f}")
+  assert end_q <= 1.1 * end, (end_q, end)
+
+
+def _step_memory(config, tx, step_fn, params, opt_state):
+  tokens = jax.ShapeDtypeStruct((1, 65), jnp.int32)
+  compiled = jax.jit(step_fn, donate_argnums=(0, 1)).lower(
+      params, opt_state, tokens).compile()
+  return compiled.memory_analysis()
+
+
+@pytest.mark.slow
+def test_layerwise_needs_less_temporary_memory_60m():
+  config = configs.get_config("60m", remat=True)
+  abstract = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
+  graphdef = nnx.graphdef(abstract)
+  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  tx = apollo_optax.apollo_mini(1e-2)
+  ordinary = _step_memory(config, tx, _ordinary_step(graphdef, tx), params,
+                          jax.eval_shape(tx.init, params))
+  lw = _step_memory(
+      config, tx, layerwise.make_layerwise_train_step(config, tx), params,
+      jax.eval_shape(lambda p: layerwise.init_layerwise_state(tx, p), params))
+  # The ordinary step holds every gradient at once: at least the size of the
+  # layer weights more temporary memory than the layer-wise step.
+  layer_bytes = sum(x.size * 4 for x in jax.tree.leaves(params["layers"]))
+  assert lw.temp_size_in_bytes < ordinary.temp_size_in_bytes
+  assert ordinary.temp_size_in_bytes - lw.temp_size_in_bytes > layer_bytes // 2
