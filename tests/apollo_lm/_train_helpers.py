@@ -1,0 +1,65 @@
+"""Shared fixtures of the training-job tests: a small corpus and small runs.
+
+The corpus is the standard library's ``email`` package copied into a
+temporary directory (about 240k tokens at a 320-token vocabulary, built in
+about a second); the model is the ``tiny`` config shrunk to two layers of
+width 32, so each run compiles in seconds on a CPU.
+"""
+
+import pathlib
+import shutil
+import sysconfig
+from typing import Any
+
+import pytest
+
+from apollo_lm import data as data_lib
+
+SMALL_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+               "num_layers": 2}
+VOCAB_SIZE = 320
+
+
+def small_run(corpus_dir: pathlib.Path, **flags: Any) -> dict[str, Any]:
+  """``train()`` options for a 3-step run of the small model on one device.
+
+  Runs share a persistent compilation cache next to the corpus, so runs that
+  differ only in checkpointing or data position compile once.
+  """
+  options = dict(
+      compilation_cache=str(corpus_dir.parent / "jax_cache"),
+      config="tiny", config_overrides=dict(SMALL_MODEL),
+      data=[str(corpus_dir)], vocab_size=VOCAB_SIZE, steps=3, batch_size=8,
+      seq_len=32, eval_every=0, eval_batches=0, no_progress=True,
+      num_devices=1)
+  options.update(flags)
+  return options
+
+
+def small_cli(corpus_dir: pathlib.Path) -> list[str]:
+  """The flags of :func:`small_run` for ``python -m apollo_lm.train``."""
+  overrides = [f"--model-override={k}={v}" for k, v in SMALL_MODEL.items()]
+  return ["--config", "tiny", *overrides, "--data", str(corpus_dir),
+          "--vocab-size", str(VOCAB_SIZE), "--batch-size", "8", "--seq-len",
+          "32", "--eval-batches", "0", "--no-progress", "--num-devices", "1",
+          "--compilation-cache", str(corpus_dir.parent / "jax_cache")]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> pathlib.Path:
+  """A directory of stdlib sources whose corpus is already cached."""
+  root = tmp_path_factory.mktemp("corpus")
+  source = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "email"
+  shutil.copytree(source, root / "email",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  data_lib.load_corpus([root / "email"], vocab_size=VOCAB_SIZE,
+                       cache_dir=root / "cache")
+  return root / "email"
+
+
+@pytest.fixture
+def cache_env(corpus_dir, monkeypatch) -> pathlib.Path:
+  """Points ``APOLLO_LM_CACHE`` at the session corpus cache."""
+  cache = corpus_dir.parent / "cache"
+  monkeypatch.setenv("APOLLO_LM_CACHE", str(cache))
+  return cache

@@ -1,0 +1,169 @@
+"""Tests of the pre-training job ``apollo_lm.train``."""
+
+import gzip
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from apollo_lm import train as train_lib
+from tests.apollo_lm._train_helpers import cache_env  # noqa: F401 (fixture)
+from tests.apollo_lm._train_helpers import corpus_dir  # noqa: F401 (fixture)
+from tests.apollo_lm._train_helpers import small_cli
+from tests.apollo_lm._train_helpers import small_run
+
+pytestmark = pytest.mark.xdist_group("apollo_lm_train")
+
+_REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _python(*args: str, **kwargs) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, "-m", "apollo_lm.train", *args], cwd=_REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_help_lists_the_flags():
+  out, err = _python("--help").communicate(timeout=120)
+  assert not err
+  for flag in ("--config", "--optimizer", "--lr", "--warmup-steps", "--steps",
+               "--batch-size", "--seq-len", "--grad-accum", "--grad-clip",
+               "--rank", "--scale", "--weight-decay", "--data", "--c4",
+               "--c4-files", "--hf-tokenizer", "--vocab-size", "--mesh",
+               "--remat", "--eval-every", "--eval-batches", "--out",
+               "--checkpoint-dir", "--checkpoint-every", "--resume", "--seed",
+               "--coordinator", "--num-processes", "--process-id"):
+    assert flag in out
+
+
+def test_run_writes_metrics_and_evaluates(corpus_dir, cache_env, tmp_path):
+  result = train_lib.train(small_run(
+      corpus_dir, eval_every=2, eval_batches=2, out=str(tmp_path)))
+  records = [json.loads(line) for line in
+             (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  steps = [r["step"] for r in records if "loss" in r]
+  evals = [r for r in records if "eval_loss" in r]
+  assert steps == [1, 2, 3]
+  assert [r["step"] for r in evals] == [2, 3]
+  assert result["losses"] == [r["loss"] for r in records if "loss" in r]
+  assert result["eval_loss"] == evals[-1]["eval_loss"]
+  assert result["eval_ppl"] == pytest.approx(np.exp(result["eval_loss"]))
+  assert result["state_bytes"] > 0 and result["tokens_per_s"] > 0
+  # Warm-up of 10% of 3 steps is 0 steps: the first update uses the peak lr.
+  assert records[0]["lr"] == pytest.approx(1e-2)
+
+
+def test_resume_is_bit_identical(corpus_dir, cache_env, tmp_path):
+  full = train_lib.train(small_run(corpus_dir))
+  first = train_lib.train(small_run(
+      corpus_dir, stop_at_step=2, checkpoint_dir=str(tmp_path)))
+  second = train_lib.train(small_run(
+      corpus_dir, resume=True, checkpoint_dir=str(tmp_path)))
+  assert (first["step"], second["start_step"], second["step"]) == (2, 2, 3)
+  assert first["losses"] + second["losses"] == full["losses"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus_dir, tmp_path):
+  env = dict(os.environ, APOLLO_LM_CACHE=str(corpus_dir.parent / "cache"))
+  process = _python(*small_cli(corpus_dir), "--steps", "100000",
+                    "--checkpoint-dir", str(tmp_path / "ckpt"),
+                    "--out", str(tmp_path), env=env)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.monotonic() + 180
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert process.poll() is None, process.communicate()
+    assert time.monotonic() < deadline, "no training step within 180 s"
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err
+  summary = json.loads(out)
+  assert summary["interrupted"] == "SIGTERM"
+  last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+  assert 2 <= summary["step"] == last < 100000
+  assert (tmp_path / "ckpt" / str(last)).is_dir()
+
+
+def test_grad_accum_matches_the_big_batch(corpus_dir, cache_env):
+  big = train_lib.train(small_run(corpus_dir, steps=3))
+  accumulated = train_lib.train(small_run(corpus_dir, steps=3, grad_accum=4))
+  np.testing.assert_allclose(accumulated["losses"], big["losses"], rtol=2e-5)
+
+
+def test_eight_device_mesh_matches_one_device(corpus_dir, cache_env):
+  one = train_lib.train(small_run(corpus_dir))
+  eight = train_lib.train(small_run(corpus_dir, num_devices=None,
+                                    mesh="2,2,2"))
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+
+
+def test_c4_format_files(corpus_dir, cache_env, tmp_path):
+  def write(name: str, files: list[pathlib.Path]) -> str:
+    path = tmp_path / name
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+      for file in files:
+        f.write(json.dumps({"text": file.read_text(), "url": str(file),
+                            "timestamp": "2019-04-25T00:00:00Z"}) + "\n")
+    return str(path)
+
+  files = sorted(corpus_dir.rglob("*.py"))
+  tokenizer = next(cache_env.glob("corpus-*/tokenizer.json"))
+  result = train_lib.train(small_run(
+      corpus_dir, c4=True, c4_files=[write("train.json.gz", files[1:])],
+      c4_eval_files=[write("eval.json.gz", files[:1])], eval_batches=2,
+      hf_tokenizer=str(tokenizer)))
+  assert len(result["losses"]) == 3 and np.isfinite(result["losses"]).all()
+  assert np.isfinite(result["eval_loss"])
+
+
+@pytest.mark.parametrize("flags, match", [
+    (dict(config="3m"), r"--config: unknown config '3m'; allowed: tiny, 9m"),
+    (dict(optimizer="sgd"),
+     r"--optimizer: unknown optimizer 'sgd'; allowed: adamw, apollo, "
+     r"apollo_mini, galore, adafactor"),
+    (dict(num_devices=None, mesh="3,1,1"),
+     r"--mesh: 3,1,1 multiplies to 3, but 8 devices"),
+    (dict(mesh="1,1"), r"--mesh: expected three positive ints"),
+    (dict(num_devices=None, mesh="4,2,1", batch_size=12),
+     r"--batch-size: .* 12 sequences, not divisible by the data-parallel "
+     r"size data\*fsdp = 8"),
+    (dict(grad_accum=3), r"--batch-size: 8 is not divisible by --grad-accum"),
+    (dict(resume=True), r"--resume: needs --checkpoint-dir"),
+    (dict(warmup_steps=3), r"--warmup-steps: must be in \[0, --steps=3\)"),
+    (dict(optimizer="adamw", rank=8), r"--rank: 'adamw' has no rank"),
+    (dict(c4=True, c4_files=["/nonexistent/c4.json.gz"]),
+     r"--c4-files: /nonexistent/c4.json.gz: no such file"),
+    (dict(learning_rate=1.0), r"unknown option 'learning_rate'"),
+])
+def test_flag_errors(corpus_dir, cache_env, flags, match):
+  with pytest.raises(ValueError, match=match):
+    train_lib.train(small_run(corpus_dir, **flags))
+
+
+def test_resume_without_a_checkpoint(corpus_dir, cache_env, tmp_path):
+  with pytest.raises(ValueError, match=r"--resume: no checkpoint in "
+                     r"--checkpoint-dir"):
+    train_lib.train(small_run(corpus_dir, resume=True,
+                              checkpoint_dir=str(tmp_path)))
+
+
+def test_data_errors(corpus_dir, cache_env, tmp_path):
+  with pytest.raises(ValueError, match=r"--data: .*no such file"):
+    train_lib.train(small_run(corpus_dir, data=[str(tmp_path / "missing")]))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "a.txt").write_text("")
+  with pytest.raises(ValueError, match=r"--data: .*are empty"):
+    train_lib.train(small_run(corpus_dir, data=[str(empty)]))
+  binary = tmp_path / "binary"
+  binary.mkdir()
+  for name in ("a.bin", "b.bin"):
+    (binary / name).write_bytes(b"\xff\xfe\x00 not utf-8")
+  with pytest.raises(ValueError, match=r"--data: .*not valid UTF-8"):
+    train_lib.train(small_run(corpus_dir, data=[str(binary)]))
