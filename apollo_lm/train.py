@@ -231,6 +231,8 @@ def _maybe_initialize_distributed(args: argparse.Namespace) -> None:
   wanted = coordinator is not None or (args.num_processes or 1) > 1
   if not wanted or jax.distributed.is_initialized():
     return
+  # Cross-process collectives of the CPU backend (a no-op elsewhere).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=coordinator, num_processes=args.num_processes,
       process_id=args.process_id)
