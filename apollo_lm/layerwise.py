@@ -60,7 +60,8 @@ Example::
 
   tx = apollo_optax.apollo_mini(1e-2)
   state = init_layerwise_state(tx, params)
-  step = jax.jit(make_layerwise_train_step(config, tx), donate_argnums=(0, 1))
+  step = jax.jit(make_layerwise_train_step(config, tx), donate_argnums=(0, 1),
+                 compiler_options=compiler_options())
   params, state, loss = step(params, state, tokens)  # tokens: int32[B, T + 1]
 """
 
@@ -161,6 +162,19 @@ def check_layerwise_options(*, grad_clip: float | None = None,
         " use --grad-accum 1.")
 
 
+def compiler_options() -> dict[str, Any]:
+  """XLA options to jit the layer-wise step with (``jax.jit(compiler_options=)``).
+
+  On CPU, XLA's default copy insertion copies some whole layer stacks that the
+  reverse loop updates in place (the MLP kernels of LLaMA-7B: gigabytes);
+  region-based analysis avoids the copies (measured with ``memory_analysis``,
+  see ``benchmarks/qapollo_memory.py``). Other backends: no options.
+  """
+  if jax.default_backend() == "cpu":
+    return {"xla_cpu_copy_insertion_use_region_analysis": True}
+  return {}
+
+
 def _tree_index(tree: Any, index: jax.Array) -> Any:
   return jax.tree.map(
       lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
@@ -186,7 +200,8 @@ def make_layerwise_train_step(config: LlamaConfig,
     A pure function of ``params`` (plain dict, possibly with
     ``QuantizedArray`` kernels), ``opt_state`` (:class:`LayerwiseState`) and
     ``tokens`` (int32 ``[B, T + 1]``; inputs ``[:, :-1]``, targets
-    ``[:, 1:]``); jit it with ``donate_argnums=(0, 1)``.
+    ``[:, 1:]``); jit it with ``donate_argnums=(0, 1)`` and
+    :func:`compiler_options`.
   """
   abstract = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
   embed_def = nnx.graphdef(abstract.embed)
