@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=15)
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--refresh-calls", type=int, default=2)
+  parser.add_argument("--refresh-calls", type=int, default=1)
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
   parser.add_argument("--torch-python", default=None)
   parser.add_argument("--out-dir", default=str(common.RESULTS_DIR))
