@@ -18,8 +18,6 @@ from apollo_lm import data
 from apollo_lm import layerwise
 from apollo_lm import model as model_lib
 
-pytestmark = pytest.mark.xdist_group("apollo_lm_layerwise")
-
 SMALL = configs.LlamaConfig(
     name="test", hidden_size=32, intermediate_size=64, num_heads=4,
     num_layers=2, vocab_size=64, max_seq_len=32, dtype=jnp.float32,
