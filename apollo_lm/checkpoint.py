@@ -49,11 +49,13 @@ class Checkpointer:
       max_to_keep: Keep the newest this many checkpoints; None keeps all.
     """
     self.directory = pathlib.Path(directory).absolute()
+    self.save_interval_steps = save_interval_steps
+    # The interval is checked here: Orbax's own policy also writes the first
+    # step it sees, whatever the interval.
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
-            create=True),
+            max_to_keep=max_to_keep, create=True),
         item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
@@ -71,6 +73,8 @@ class Checkpointer:
       metadata: Extra JSON-serialisable values recorded with the step.
       force: Write even if ``step`` is not on the save interval.
     """
+    if not force and step % self.save_interval_steps:
+      return False
     meta = dict(metadata or {}, step=int(step))
     return self._manager.save(
         step,
@@ -78,7 +82,7 @@ class Checkpointer:
             state=ocp.args.StandardSave(
                 {"params": params, "opt_state": _flatten(opt_state)}),
             meta=ocp.args.JsonSave(meta)),
-        force=force)
+        force=True)
 
   def restore(self, step: int | None, params: Any, opt_state: Any
               ) -> tuple[Any, Any, dict[str, Any]]:
