@@ -16,7 +16,7 @@ from apollo_optax._src import scale_by_apollo as sba
 from tests.apollo_optax import reference
 
 
-@hypothesis.settings(deadline=None, max_examples=25, derandomize=True)
+@hypothesis.settings(deadline=None, max_examples=10, derandomize=True)
 @hypothesis.given(
     batch=st.integers(1, 3),
     m=st.integers(1, 24),
