@@ -28,7 +28,8 @@ clean:
 bench: $(STAMP)
 	$(PY) -m benchmarks.memory
 	$(PY) -m benchmarks.step_memory --configs 1b 7b
-	$(PY) -m benchmarks.update_speed --configs 60m --rounds 4 --calls 10
+	$(PY) -m benchmarks.update_speed --configs 60m --rounds 4 --calls 10 --variants adamw apollo apollo_mini galore adafactor
+	$(PY) -m benchmarks.update_speed --configs 60m --rounds 2 --calls 5 --variants adamw galore galore_refresh --out-name update_speed_galore_refresh
 	$(PY) -m benchmarks.update_speed --configs 130m 350m --rounds 3 --calls 5 --variants adamw apollo apollo_mini galore adafactor --out-name update_speed_large
 	$(PY) -m benchmarks.throughput
 
