@@ -50,8 +50,9 @@ def test_memory(results):
     for row in r[dtype].values():
       opts = row["optimizers"]
       assert row["weights_bytes"] == row["params"] * itemsize
-      # AdamW keeps exactly two moments plus its int32 counter.
-      assert opts["adamw"]["state_bytes"] == 2 * row["weights_bytes"] + 4
+      # AdamW keeps two moments plus int32 step counters.
+      assert opts["adamw"]["formula_bytes"] == 2 * row["weights_bytes"]
+      assert 0 < opts["adamw"]["scalars_bytes"] <= 16
       for entry in opts.values():
         assert 0 <= entry["scalars_bytes"] < 4096
       assert (opts["apollo_mini"]["state_bytes"]
