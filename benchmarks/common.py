@@ -267,9 +267,13 @@ def make_train_step(config: LlamaConfig, tx: optax.GradientTransformation,
 
 def make_update_step(tx: optax.GradientTransformation,
                      ) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
-  """``update(grads, opt_state, params) -> (params, opt_state)``."""
+  """``update(params, opt_state, grads) -> (params, opt_state)``.
 
-  def update_step(grads, opt_state, params):
+  The donated arguments come first: with the (not donated) gradients first,
+  XLA:CPU inserted full-size copies into AdamW's update (4x its time on 60M).
+  """
+
+  def update_step(params, opt_state, grads):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 

@@ -80,7 +80,7 @@ def measure(config: LlamaConfig, name: str,
     if jax.default_backend() == "gpu":
       entry["gpu_peak_bytes"] = _gpu_peak(step, config, tx, batch)
     result["by_batch"][str(batch)] = entry
-  update = jax.jit(common.make_update_step(tx), donate_argnums=(1, 2))
+  update = jax.jit(common.make_update_step(tx), donate_argnums=(0, 1))
   result["update_only"] = _analysis(
       update.lower(params, opt_state, params).compile())
   totals = [result["by_batch"][str(b)]["total_bytes"] for b in batches]

@@ -101,12 +101,12 @@ def _jax_runner(config: LlamaConfig, variant: str, params: Any, grads: Any,
   tx = common.make_tx(VARIANTS[variant], config)
   plain_step = common.make_update_step(tx)
 
-  def update_step(grads, state, params):
+  def update_step(params, state, grads):
     if variant == "galore_refresh":
       state = common.force_galore_refresh(state)
-    return plain_step(grads, state, params)
+    return plain_step(params, state, grads)
 
-  update = jax.jit(update_step, donate_argnums=(1, 2))
+  update = jax.jit(update_step, donate_argnums=(0, 1))
   init = jax.jit(tx.init)
   copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
 
@@ -116,7 +116,7 @@ def _jax_runner(config: LlamaConfig, variant: str, params: Any, grads: Any,
     box["state"] = init(box["params"])
 
     def step():
-      box["params"], box["state"] = update(grads, box["state"], box["params"])
+      box["params"], box["state"] = update(box["params"], box["state"], grads)
       return box["params"]
 
     common.time_calls(step, warmup)
