@@ -170,23 +170,18 @@ def apollo(
     mask = _resolve_mask(lowrank_mask, params)
     dims = dims_fn(params)
 
-    def label(is_lowrank, leaf_dims, leaf):
-      return "apollo" if is_lowrank and leaf_dims is not None else "adam"
-
     def label_subtree(is_lowrank, subtree):
-      if not isinstance(is_lowrank, (bool, jnp.bool_)) and not (
-          hasattr(is_lowrank, "dtype") and is_lowrank.dtype == jnp.bool_
-      ):
+      if jnp.result_type(is_lowrank) != jnp.bool_:
         raise TypeError(
             "`lowrank_mask` must be a pytree of bools (or a callable returning"
             f" one), got a leaf {is_lowrank!r}."
         )
-      return jax.tree.map(lambda x: bool(is_lowrank), subtree)
+      return jax.tree.map(lambda _: bool(is_lowrank), subtree)
 
-    mask = jax.tree.map(label_subtree, mask, params)
-    return jax.tree.map(
-        label, mask, dims, params, is_leaf=lambda x: x is None
-    )
+    def label(is_lowrank, leaf_dims):
+      return "apollo" if is_lowrank and leaf_dims is not None else "adam"
+
+    return jax.tree.map(label, jax.tree.map(label_subtree, mask, params), dims)
 
   sqrt_scale = (
       math.sqrt(scale) if utils.concrete_float(scale) is not None else jnp.sqrt(scale)
