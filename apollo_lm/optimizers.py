@@ -37,6 +37,10 @@ from apollo_lm.configs import LlamaConfig
 OPTIMIZER_NAMES: Final[tuple[str, ...]] = (
     "adamw", "apollo", "apollo_mini", "galore", "adafactor")
 
+APOLLO_NAMES: Final[tuple[str, ...]] = ("apollo", "apollo_mini")
+SCALE_TYPES: Final[tuple[str, ...]] = ("channel", "tensor")
+PROJECTIONS: Final[tuple[str, ...]] = ("gaussian", "svd")
+
 MIN_LR_RATIO: Final[float] = 0.1
 """Final learning rate of the cosine schedule, as a fraction of the peak."""
 
@@ -100,7 +104,10 @@ def check_name(name: str, flag: str = "optimizer") -> None:
 def resolve_hparams(name: str, config: LlamaConfig, *,
                     learning_rate: float | None = None,
                     rank: int | None = None,
-                    scale: float | None = None) -> dict[str, Any]:
+                    scale: float | None = None,
+                    scale_type: str | None = None,
+                    projection: str | None = None,
+                    limiter: bool = True) -> dict[str, Any]:
   """The hyper-parameters ``name`` gets for ``config``, overrides applied.
 
   Args:
@@ -109,17 +116,46 @@ def resolve_hparams(name: str, config: LlamaConfig, *,
     learning_rate: Peak learning rate; None for the default.
     rank: Projection rank; None for ``hidden_size // rank_divisor``.
     scale: APOLLO/GaLore scale; None for the default.
+    scale_type: APOLLO's scaling granularity, ``"channel"`` or ``"tensor"``;
+      None for the default (channel for apollo, tensor for apollo_mini).
+    projection: APOLLO's projection, ``"gaussian"`` or ``"svd"``; None for
+      ``"gaussian"``.
+    limiter: APOLLO's norm-growth limiter (gamma 1.01) on or off.
 
   Returns:
     A JSON-serialisable dict with ``learning_rate``, ``rank``, ``scale``,
-    ``b1``, ``b2``, ``eps`` and ``update_proj_gap`` (``rank``/``scale`` None
-    where they do not apply), for logs and summaries.
+    ``b1``, ``b2``, ``eps``, ``update_proj_gap``, ``scale_type``,
+    ``projection`` and ``limiter`` (None where they do not apply), for logs
+    and summaries.
 
   Raises:
-    ValueError: unknown ``name``, or a rank/scale for an optimizer without.
+    ValueError: unknown ``name``, or a rank/scale/APOLLO option for an
+      optimizer without it; the message names the option.
   """
   check_name(name)
   defaults = DEFAULTS[name]
+  is_apollo = name in APOLLO_NAMES
+  for option, value, allowed in (("scale_type", scale_type, SCALE_TYPES),
+                                 ("projection", projection, PROJECTIONS)):
+    if value is None:
+      continue
+    if not is_apollo:
+      raise ValueError(
+          f"{option}: {name!r} has no {option} (only "
+          f"{' and '.join(APOLLO_NAMES)} do).")
+    if value not in allowed:
+      raise ValueError(
+          f"{option}: unknown value {value!r}; allowed: "
+          f"{', '.join(allowed)}.")
+  if name == "apollo_mini" and scale_type not in (None, "tensor"):
+    raise ValueError(
+        f"scale_type: apollo_mini is tensor-wise by definition, got "
+        f"{scale_type!r}; for channel-wise rank 1 use optimizer 'apollo' "
+        "with rank 1.")
+  if not limiter and not is_apollo:
+    raise ValueError(
+        f"limiter: {name!r} has no norm-growth limiter to turn off (only "
+        f"{' and '.join(APOLLO_NAMES)} do).")
   if rank is not None and defaults.rank_divisor is None:
     raise ValueError(
         f"rank: {name!r} has no rank to set (only apollo and galore do; "
@@ -130,13 +166,19 @@ def resolve_hparams(name: str, config: LlamaConfig, *,
     rank = max(1, config.hidden_size // defaults.rank_divisor)
   elif name == "apollo_mini":
     rank = 1
+  if is_apollo:
+    scale_type = scale_type or ("tensor" if name == "apollo_mini"
+                                else "channel")
+    projection = projection or "gaussian"
   return dict(
       learning_rate=(defaults.learning_rate if learning_rate is None
                      else learning_rate),
       rank=rank,
       scale=defaults.scale if scale is None else scale,
       b1=defaults.b1, b2=defaults.b2, eps=defaults.eps,
-      update_proj_gap=defaults.update_proj_gap)
+      update_proj_gap=defaults.update_proj_gap,
+      scale_type=scale_type, projection=projection,
+      limiter=limiter if is_apollo else None)
 
 
 def make_schedule(peak_value: float, total_steps: int,
@@ -246,6 +288,9 @@ def make_optimizer(
     weight_decay: float = 0.0,
     grad_clip: float | None = None,
     seed: int = 0,
+    scale_type: str | None = None,
+    projection: str | None = None,
+    limiter: bool = True,
 ) -> optax.GradientTransformation:
   """Builds optimizer ``name`` with the paper's schedule and defaults.
 
@@ -262,6 +307,11 @@ def make_optimizer(
     weight_decay: Decoupled weight decay on matrices (0 in the paper).
     grad_clip: If set, clip the global gradient norm to it first.
     seed: Seed of APOLLO's random projections.
+    scale_type: APOLLO's scaling granularity (``"channel"``/``"tensor"``);
+      None for the optimizer's default. For the paper's ablations.
+    projection: APOLLO's projection (``"gaussian"``/``"svd"``); None for
+      ``"gaussian"``.
+    limiter: False turns APOLLO's norm-growth limiter off.
 
   Returns:
     The ``optax.GradientTransformation``.
@@ -271,19 +321,24 @@ def make_optimizer(
       optimizer does not take.
   """
   peak = None if callable(learning_rate) else learning_rate
-  hp = resolve_hparams(name, config, learning_rate=peak, rank=rank, scale=scale)
+  hp = resolve_hparams(name, config, learning_rate=peak, rank=rank,
+                       scale=scale, scale_type=scale_type,
+                       projection=projection, limiter=limiter)
   schedule = (learning_rate if callable(learning_rate)
               else make_schedule(hp["learning_rate"], total_steps,
                                  warmup_steps))
   common = dict(b1=hp["b1"], b2=hp["b2"], eps=hp["eps"])
   apollo_common = dict(
       common, weight_decay=weight_decay, weight_decay_mask=decay_mask,
-      update_proj_gap=hp["update_proj_gap"], seed=seed, scale=hp["scale"])
+      update_proj_gap=hp["update_proj_gap"], seed=seed, scale=hp["scale"],
+      projection=hp["projection"],
+      norm_growth_limit=1.01 if limiter else None)
   if name == "adamw":
     tx = optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask,
                      **common)
   elif name == "apollo":
-    tx = apollo_optax.apollo(schedule, hp["rank"], **apollo_common)
+    tx = apollo_optax.apollo(schedule, hp["rank"],
+                             scale_type=hp["scale_type"], **apollo_common)
   elif name == "apollo_mini":
     tx = apollo_optax.apollo_mini(schedule, scale_front=True, **apollo_common)
   elif name == "galore":

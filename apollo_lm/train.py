@@ -118,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
   opt.add_argument("--scale", type=float, default=None,
                    help="apollo/apollo_mini/galore scale (default: per "
                    "optimizer)")
+  opt.add_argument("--scale-type", default=None,
+                   choices=optimizers.SCALE_TYPES,
+                   help="apollo scaling granularity (ablation; default: "
+                   "channel for apollo, tensor for apollo_mini)")
+  opt.add_argument("--projection", default=None,
+                   choices=optimizers.PROJECTIONS,
+                   help="apollo/apollo_mini projection (ablation; default: "
+                   "gaussian)")
+  opt.add_argument("--no-limiter", dest="limiter", action="store_false",
+                   help="turn apollo's norm-growth limiter off (ablation)")
   opt.add_argument("--weight-decay", type=float, default=0.0)
   opt.add_argument("--grad-clip", type=float, default=None,
                    help="clip the global gradient norm to this")
@@ -687,17 +697,21 @@ def train(args: argparse.Namespace | Mapping[str, Any] | Sequence[str]
     except ValueError as e:
       raise ValueError(f"--quant-group-size: {e}") from e
 
+  ablation = dict(scale_type=args.scale_type, projection=args.projection,
+                  limiter=args.limiter)
   try:
     hparams = optimizers.resolve_hparams(
         args.optimizer, config, learning_rate=args.lr, rank=args.rank,
-        scale=args.scale)
+        scale=args.scale, **ablation)
   except ValueError as e:
-    raise ValueError(f"--{e}") from e
+    option, _, message = str(e).partition(":")
+    flag = "no-limiter" if option == "limiter" else option.replace("_", "-")
+    raise ValueError(f"--{flag}:{message}") from e
   tx = optimizers.make_optimizer(
       args.optimizer, learning_rate=args.lr, total_steps=args.steps,
       warmup_steps=warmup, config=config, rank=args.rank, scale=args.scale,
       weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-      seed=args.seed)
+      seed=args.seed, **ablation)
   if args.quantize_weights == "int8":
     tx = apollo_optax.quantized_weights(tx, key=jax.random.key(args.seed))
   schedule = optimizers.make_schedule(hparams["learning_rate"], args.steps,

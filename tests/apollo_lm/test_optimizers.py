@@ -1,5 +1,6 @@
 """Tests of ``apollo_lm.optimizers``: names, defaults, schedule, GaLore layout."""
 
+import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import apollo_optax
 from apollo_lm import configs
 from apollo_lm import model as model_lib
 from apollo_lm import optimizers
@@ -131,3 +133,64 @@ def test_grad_clip_is_applied_first(model_and_batch):
   # eps = 1e-8 it is tiny.
   assert max_update[None] == pytest.approx(1.0, rel=1e-3)
   assert max_update[1e-9] < 0.1
+
+
+@pytest.mark.parametrize("options", [
+    dict(scale_type="tensor"),
+    dict(projection="svd"),
+    dict(limiter=False),
+    dict(scale_type="tensor", projection="svd", limiter=False),
+])
+def test_ablation_options_reach_apollo(options, model_and_batch):
+  """make_optimizer's ablation options build the matching apollo_optax.apollo."""
+  _, params, _ = model_and_batch
+  grads = jax.tree.map(
+      lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+  lr = optax.constant_schedule(1e-2)
+  ours = optimizers.make_optimizer(
+      "apollo", learning_rate=lr, total_steps=10, warmup_steps=0,
+      config=CONFIG, **options)
+  expected_tx = apollo_optax.apollo(
+      lr, CONFIG.hidden_size // 4, b1=0.9, b2=0.999, eps=1e-6,
+      weight_decay_mask=optimizers.decay_mask,
+      scale_type=options.get("scale_type", "channel"),
+      projection=options.get("projection", "gaussian"),
+      norm_growth_limit=1.01 if options.get("limiter", True) else None)
+  default_tx = optimizers.make_optimizer(
+      "apollo", learning_rate=lr, total_steps=10, warmup_steps=0,
+      config=CONFIG)
+
+  def two_updates(tx):
+    state = tx.init(params)
+    for _ in range(2):
+      updates, state = tx.update(grads, state, params)
+    return updates
+
+  got, want, default = (two_updates(t) for t in (ours, expected_tx,
+                                                  default_tx))
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-9)
+  # The option changes the matrix updates (the check above is not vacuous).
+  up_proj = lambda t: t["layers"]["mlp"]["up_proj"]["kernel"]  # noqa: E731
+  assert not np.allclose(up_proj(got), up_proj(default), rtol=1e-3)
+  hp = optimizers.resolve_hparams("apollo", CONFIG, **options)
+  assert hp["scale_type"] == options.get("scale_type", "channel")
+  assert hp["projection"] == options.get("projection", "gaussian")
+  assert hp["limiter"] is options.get("limiter", True)
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("adamw", dict(scale_type="tensor"),
+     r"scale_type: 'adamw' has no scale_type \(only apollo and apollo_mini"),
+    ("galore", dict(projection="svd"), r"projection: 'galore' has no"),
+    ("adafactor", dict(limiter=False), r"limiter: 'adafactor' has no"),
+    ("apollo", dict(scale_type="row"),
+     r"scale_type: unknown value 'row'; allowed: channel, tensor"),
+    ("apollo", dict(projection="qr"),
+     r"projection: unknown value 'qr'; allowed: gaussian, svd"),
+    ("apollo_mini", dict(scale_type="channel"),
+     r"scale_type: apollo_mini is tensor-wise"),
+])
+def test_ablation_options_errors_name_the_option(name, options, match):
+  with pytest.raises(ValueError, match=match):
+    optimizers.make_optimizer(name, total_steps=10, warmup_steps=1,
+                              config=CONFIG, **options)
