@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-torch clean
+.PHONY: setup test demo bench bench-quality bench-torch clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.update_speed --configs 60m --rounds 2 --calls 5 --variants adamw galore galore_refresh --out-name update_speed_galore_refresh
 	$(PY) -m benchmarks.update_speed --configs 130m 350m --rounds 3 --calls 5 --variants adamw apollo apollo_mini galore adafactor --out-name update_speed_large
 	$(PY) -m benchmarks.throughput
+
+# Quality (issue 6, section 5): held-out perplexity of AdamW (3-lr sweep),
+# APOLLO, APOLLO-Mini, GaLore on tiny and 20m, 2 seeds, plus ablations on tiny.
+# About 1 h 40 min of CPU time on 2 cores: the two configs run as two
+# processes, one per core. Finished runs are skipped on a rerun.
+bench-quality: $(STAMP)
+	pin() { command -v taskset >/dev/null && echo "taskset -c $$1"; }; \
+	$$(pin 0) $(PY) -m benchmarks.quality --configs tiny & p1=$$!; \
+	$$(pin 1) $(PY) -m benchmarks.quality --configs 20m --no-ablations & p2=$$!; \
+	wait $$p1 && wait $$p2
+	$(PY) -m benchmarks.quality --report-only
 
 # Our update vs the official apollo_torch on the 60M shapes; torch lives in a
 # side venv only (never a project dependency).

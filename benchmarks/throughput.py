@@ -86,7 +86,8 @@ def report(results: dict[str, Any]) -> str:
              f"{t['tokens_per_s']:.0f}", f"{t['vs_adamw']:.3f}"]
             for name, t in r["timings"].items()]
     parts.append(
-        f"## {cfg} ({r['params'] / 1e6:.1f}M params), seq {SEQ_LEN}\n\n"
+        f"## {cfg} ({r['params'] / 1e6:.1f}M params), seq {SEQ_LEN}, "
+        f"{results['compute_dtype']} compute\n\n"
         + common.markdown_table(
             ["optimizer", "batch", "best median step ms", "tokens/s",
              "× AdamW tokens/s"], rows))
@@ -107,20 +108,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument(
+      "--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+      help="compute dtype; auto: float32 on CPU (bfloat16 matmuls are "
+      "emulated there, as in apollo_lm.train), bfloat16 on accelerators")
   parser.add_argument("--out-dir", default=str(common.RESULTS_DIR))
   parser.add_argument("--smoke", action="store_true",
                       help="smoke config, AdamW and APOLLO-Mini, batch 2, 2 rounds of"
                       " 2 calls (for tests)")
   args = parser.parse_args(argv)
-  configs = {name: get_config(name, max_seq_len=SEQ_LEN)
+  dtype = args.dtype
+  if dtype == "auto":
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  configs = {name: get_config(name, max_seq_len=SEQ_LEN,
+                              dtype=jnp.dtype(dtype))
              for name in args.configs}
   if args.smoke:
-    configs = {"smoke": common.smoke_config()}
+    configs = {"smoke": common.smoke_config(dtype=jnp.dtype(dtype))}
     args.batch, args.rounds, args.calls, args.warmup = 2, 2, 2, 1
     args.optimizers = ["adamw", "apollo_mini"]
   largest = (json.loads(open(args.batch_from).read())["configs"]
              if args.batch_from else {})
-  results: dict[str, Any] = {"seq_len": SEQ_LEN, "rounds": args.rounds,
+  results: dict[str, Any] = {"seq_len": SEQ_LEN, "compute_dtype": dtype,
+                             "rounds": args.rounds,
                              "calls": args.calls, "configs": {}}
   for cfg, config in configs.items():
     batches = {
