@@ -291,6 +291,7 @@ def make_optimizer(
     scale_type: str | None = None,
     projection: str | None = None,
     limiter: bool = True,
+    non_lowrank_lr: float | None = None,
 ) -> optax.GradientTransformation:
   """Builds optimizer ``name`` with the paper's schedule and defaults.
 
@@ -312,6 +313,12 @@ def make_optimizer(
     projection: APOLLO's projection (``"gaussian"``/``"svd"``); None for
       ``"gaussian"``.
     limiter: False turns APOLLO's norm-growth limiter off.
+    non_lowrank_lr: Peak learning rate of the leaves outside
+      :func:`apollo_optax.default_lowrank_mask` (embedding, output head,
+      norms), on the same schedule; None: the same peak as the rest. The
+      official APOLLO code gives those leaves APOLLO's lr (1e-2) while the
+      paper's AdamW baseline uses 1e-3 everywhere; this separates the two
+      effects. Requires a float ``learning_rate`` or the default.
 
   Returns:
     The ``optax.GradientTransformation``.
@@ -353,7 +360,33 @@ def make_optimizer(
     tx = optax.adafactor(schedule, multiply_by_parameter_scale=False,
                          weight_decay_rate=weight_decay or None,
                          weight_decay_mask=decay_mask)
+  if non_lowrank_lr is not None:
+    if callable(learning_rate):
+      raise ValueError(
+          "non_lowrank_lr: needs a float learning_rate (or None), not a "
+          "schedule, to scale the schedule of the other leaves by.")
+    if not non_lowrank_lr > 0:
+      raise ValueError(
+          f"non_lowrank_lr: must be > 0, got {non_lowrank_lr}.")
+    tx = optax.chain(tx, _scale_non_lowrank(
+        non_lowrank_lr / hp["learning_rate"]))
   if grad_clip is not None:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
   return tx
+
+
+def _scale_non_lowrank(factor: float) -> optax.GradientTransformation:
+  """Multiplies the final updates of the non-low-rank leaves by ``factor``.
+
+  The schedule is multiplicative, so this is the same schedule with its peak
+  times ``factor`` (decoupled weight decay included, as in a per-group lr).
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    mask = apollo_optax.default_lowrank_mask(updates)
+    return jax.tree.map(lambda u, low: u if low else u * factor,
+                        updates, mask), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "gaussian)")
   opt.add_argument("--no-limiter", dest="limiter", action="store_false",
                    help="turn apollo's norm-growth limiter off (ablation)")
+  opt.add_argument("--non-lowrank-lr", type=float, default=None,
+                   help="peak lr of the embedding, head and norms (default: "
+                   "--lr); the official APOLLO code gives them APOLLO's lr")
   opt.add_argument("--weight-decay", type=float, default=0.0)
   opt.add_argument("--grad-clip", type=float, default=None,
                    help="clip the global gradient norm to this")
@@ -703,15 +706,16 @@ def train(args: argparse.Namespace | Mapping[str, Any] | Sequence[str]
     hparams = optimizers.resolve_hparams(
         args.optimizer, config, learning_rate=args.lr, rank=args.rank,
         scale=args.scale, **ablation)
+    tx = optimizers.make_optimizer(
+        args.optimizer, learning_rate=args.lr, total_steps=args.steps,
+        warmup_steps=warmup, config=config, rank=args.rank, scale=args.scale,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        seed=args.seed, non_lowrank_lr=args.non_lowrank_lr, **ablation)
   except ValueError as e:
+    # The optimizer code names its arguments; the CLI names the flags.
     option, _, message = str(e).partition(":")
     flag = "no-limiter" if option == "limiter" else option.replace("_", "-")
     raise ValueError(f"--{flag}:{message}") from e
-  tx = optimizers.make_optimizer(
-      args.optimizer, learning_rate=args.lr, total_steps=args.steps,
-      warmup_steps=warmup, config=config, rank=args.rank, scale=args.scale,
-      weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-      seed=args.seed, **ablation)
   if args.quantize_weights == "int8":
     tx = apollo_optax.quantized_weights(tx, key=jax.random.key(args.seed))
   schedule = optimizers.make_schedule(hparams["learning_rate"], args.steps,
@@ -811,6 +815,7 @@ def train(args: argparse.Namespace | Mapping[str, Any] | Sequence[str]
       "config": dataclasses.asdict(config) | {
           "dtype": dtype, "param_dtype": jnp.dtype(config.param_dtype).name},
       "hparams": hparams | {"warmup_steps": warmup, "total_steps": args.steps,
+                            "non_lowrank_lr": args.non_lowrank_lr,
                             "weight_decay": args.weight_decay,
                             "grad_clip": args.grad_clip,
                             "layerwise": args.layerwise,

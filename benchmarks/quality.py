@@ -15,7 +15,11 @@ Main table, per config (``tiny`` and ``20m`` by default), every seed:
 * APOLLO (rank hidden/4, lr 1e-2, scale 1), APOLLO-Mini (rank 1, lr 1e-2,
   scale hidden/4: the paper scripts' width rule, 32 for tiny and 64 for
   20m, see ``results/demo_investigation.md``) and GaLore (rank hidden/4,
-  lr 1e-2, scale 0.25), at their paper defaults, not tuned.
+  lr 1e-2, scale 0.25), at their paper defaults, not tuned;
+* a control: AdamW at 1e-3 on the attention/MLP matrices and 1e-2 on the
+  embedding, head and norms, the lr those leaves get in the APOLLO and GaLore
+  runs (the official code's choice), which separates the effect of that lr
+  from the effect of the low-rank updates.
 
 Ablations (``--ablation-config``, default ``tiny``), APOLLO with one change
 each against the main APOLLO run: tensor instead of channel scaling, SVD
@@ -76,7 +80,7 @@ class Run:
   """One training run of the sweep.
 
   Attributes:
-    group: ``"main"`` or ``"ablation"``.
+    group: ``"main"``, ``"control"`` or ``"ablation"``.
     variant: Name in the tables, e.g. ``"adamw_lr3e-03"`` or
       ``"apollo_svd"``.
     config: Model config name.
@@ -110,6 +114,9 @@ def plan(configs: Sequence[str], seeds: Sequence[int],
       runs.append(Run("main", "apollo_mini", config, seed,
                       {"optimizer": "apollo_mini", "scale": hidden / 4}))
       runs.append(Run("main", "galore", config, seed, {"optimizer": "galore"}))
+      runs.append(Run("control", "adamw_lr1e-03_nonlowrank1e-02", config, seed,
+                      {"optimizer": "adamw", "lr": 1e-3,
+                       "non_lowrank_lr": 1e-2}))
     if ablation_config is not None:
       for variant, flags in ABLATIONS.items():
         runs.append(Run("ablation", variant, ablation_config, seed,
@@ -170,7 +177,7 @@ def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
   for r in records:
     groups.setdefault((r["config"], r["variant"]), []).append(r)
   out: dict[str, dict[str, Any]] = {}
-  for (config, variant), rs in sorted(groups.items()):
+  for (config, variant), rs in groups.items():
     rs = sorted(rs, key=lambda r: r["seed"])
     losses = [r["eval_loss"] for r in rs]
     mean = statistics.fmean(losses)
@@ -185,14 +192,14 @@ def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_s_mean": statistics.fmean(r["cpu_s"] for r in rs),
     }
   for variants in out.values():
-    adamw = {v: s for v, s in variants.items() if s["optimizer"] == "adamw"}
+    adamw = {v: s for v, s in variants.items()
+             if s["optimizer"] == "adamw" and s["group"] == "main"}
     if adamw:
       best = min(adamw, key=lambda v: adamw[v]["eval_loss_mean"])
       for s in variants.values():
         s["ppl_vs_best_adamw"] = (s["eval_ppl_of_mean"]
                                   / adamw[best]["eval_ppl_of_mean"])
-        s["is_best_adamw"] = False
-      adamw[best]["is_best_adamw"] = True
+        s["is_best_adamw"] = s is adamw[best]
   return out
 
 
@@ -205,6 +212,10 @@ def _seeds_cell(s: dict[str, Any]) -> str:
   return ", ".join(f"{x:.3f}" for x in s["eval_losses"])
 
 
+_LABELS = {"apollo": "APOLLO", "apollo_mini": "APOLLO-Mini",
+           "galore": "GaLore"}
+
+
 def _main_rows(variants: dict[str, Any]) -> list[list[Any]]:
   rows = []
   for name in MAIN_OPTIMIZERS:
@@ -212,11 +223,16 @@ def _main_rows(variants: dict[str, Any]) -> list[list[Any]]:
                   if s["group"] == "main" and s["optimizer"] == name}
     if name == "adamw":
       candidates = {v: s for v, s in candidates.items() if s["is_best_adamw"]}
+      candidates.update({v: s for v, s in variants.items()
+                         if s["group"] == "control"})
     for variant, s in candidates.items():
       hp = s["hparams"]
-      label = ("AdamW (best of sweep)" if name == "adamw" else
-               {"apollo": "APOLLO", "apollo_mini": "APOLLO-Mini",
-                "galore": "GaLore"}[name])
+      if s["group"] == "control":
+        label = (f"control: AdamW, embedding/head/norms at "
+                 f"{hp['non_lowrank_lr']:g}")
+      else:
+        label = ("AdamW (best of sweep)" if name == "adamw"
+                 else _LABELS[name])
       rows.append([
           label, f"{hp['learning_rate']:g}", hp.get("rank") or "—",
           f"{hp['scale']:g}" if hp.get("scale") is not None else "—",
@@ -256,7 +272,7 @@ def report(records: list[dict[str, Any]], unigram: dict[str, float]
              for v, s in sorted(variants.items(),
                                 key=lambda kv: kv[1]["hparams"]
                                 ["learning_rate"])
-             if s["optimizer"] == "adamw"]
+             if s["optimizer"] == "adamw" and s["group"] == "main"]
     if sweep:
       parts.append("AdamW learning-rate sweep:\n\n" + common.markdown_table(
           ["peak lr", "held-out loss", "ppl", "per-seed", ""], sweep))
@@ -346,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--report-only", action="store_true")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny at vocab 512, 4 steps, AdamW at two lrs, "
-                      "APOLLO, one ablation, one seed")
+                      "APOLLO, the control, one ablation, one seed")
   args = parser.parse_args(argv)
   if args.smoke:
     args.configs, args.seeds, args.adamw_lrs = ["tiny"], [0], [1e-3, 1e-2]
@@ -365,9 +381,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   runs = plan(args.configs, args.seeds, args.adamw_lrs,
               None if args.no_ablations else args.ablation_config)
   if args.smoke:
-    runs = [r for r in runs if r.group == "main" and r.variant != "galore"
-            and r.variant != "apollo_mini"] + [
-                r for r in runs if r.variant == "apollo_no_limiter"]
+    runs = [r for r in runs if r.variant not in ("galore", "apollo_mini")
+            and (r.group != "ablation" or r.variant == "apollo_no_limiter")]
 
   if not args.report_only:
     done = {r["key"] for r in _read_log(log_path)}

@@ -194,3 +194,33 @@ def test_ablation_options_errors_name_the_option(name, options, match):
   with pytest.raises(ValueError, match=match):
     optimizers.make_optimizer(name, total_steps=10, warmup_steps=1,
                               config=CONFIG, **options)
+
+
+@pytest.mark.parametrize("name", ["adamw", "apollo"])
+def test_non_lowrank_lr_scales_only_embedding_head_and_norms(
+    name, model_and_batch):
+  _, params, _ = model_and_batch
+  grads = jax.tree.map(
+      lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+  peak = optimizers.resolve_hparams(name, CONFIG)["learning_rate"]
+
+  def two_updates(**kwargs):
+    tx = optimizers.make_optimizer(name, total_steps=10, warmup_steps=2,
+                                   config=CONFIG, weight_decay=0.1, **kwargs)
+    state = tx.init(params)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, params)
+    return updates
+
+  base, split = two_updates(), two_updates(non_lowrank_lr=7 * peak)
+  lowrank = apollo_optax.default_lowrank_mask(params)
+  checked = 0
+  for b, s, low in zip(jax.tree.leaves(base), jax.tree.leaves(split),
+                       jax.tree.leaves(lowrank)):
+    np.testing.assert_allclose(s, b if low else 7 * b, rtol=1e-6, atol=1e-12)
+    checked += not low
+  assert checked >= 3  # embedding, head, norms
+  with pytest.raises(ValueError, match="non_lowrank_lr: needs a float"):
+    optimizers.make_optimizer(name, learning_rate=optax.constant_schedule(1.),
+                              total_steps=10, warmup_steps=1, config=CONFIG,
+                              non_lowrank_lr=1e-2)

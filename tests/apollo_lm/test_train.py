@@ -140,6 +140,7 @@ def test_c4_format_files(corpus_dir, cache_env, tmp_path):
     (dict(optimizer="adamw", scale_type="tensor"),
      r"--scale-type: 'adamw' has no scale_type"),
     (dict(optimizer="galore", limiter=False), r"--no-limiter: 'galore' has no"),
+    (dict(non_lowrank_lr=0.0), r"--non-lowrank-lr: must be > 0, got 0.0"),
     (dict(c4=True, c4_files=["/nonexistent/c4.json.gz"]),
      r"--c4-files: /nonexistent/c4.json.gz: no such file"),
     (dict(learning_rate=1.0), r"unknown option 'learning_rate'"),

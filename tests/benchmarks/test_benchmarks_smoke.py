@@ -114,9 +114,11 @@ def test_quality(results):
   assert r["budget"]["steps"] == 4
   runs = r["runs"]
   assert {x["variant"] for x in runs} == {
-      "adamw_lr1e-03", "adamw_lr1e-02", "apollo", "apollo_no_limiter"}
+      "adamw_lr1e-03", "adamw_lr1e-02", "apollo", "apollo_no_limiter",
+      "adamw_lr1e-03_nonlowrank1e-02"}
   tiny = r["summary"]["tiny"]
-  adamw = {v: s for v, s in tiny.items() if s["optimizer"] == "adamw"}
+  adamw = {v: s for v, s in tiny.items()
+           if s["optimizer"] == "adamw" and s["group"] == "main"}
   best = min(adamw, key=lambda v: adamw[v]["eval_loss_mean"])
   assert adamw[best]["is_best_adamw"]
   assert sum(s["is_best_adamw"] for s in adamw.values()) == 1
@@ -130,6 +132,10 @@ def test_quality(results):
   assert tiny["apollo"]["state_bytes"] < adamw[best]["state_bytes"]
   markdown = (results["quality_dir"] / "quality.md").read_text()
   assert "AdamW (best of sweep)" in markdown and "apollo_no_limiter" in markdown
+  assert "control: AdamW, embedding/head/norms at 0.01" in markdown
+  control = tiny["adamw_lr1e-03_nonlowrank1e-02"]
+  assert not control["is_best_adamw"]
+  assert control["hparams"]["non_lowrank_lr"] == 1e-2
   assert (results["quality_dir"] / "quality_curves.png").stat().st_size > 0
   log = (results["quality_dir"] / "quality_runs.jsonl").read_text()
-  assert len(log.splitlines()) == 4
+  assert len(log.splitlines()) == 5
