@@ -303,7 +303,7 @@ def report(records: list[dict[str, Any]], unigram: dict[str, float]
 
 def plot(records: list[dict[str, Any]], summary: dict[str, Any],
          path: pathlib.Path) -> None:
-  """Loss curves (main runs, mean over seeds) per config, one PNG."""
+  """Loss curves (main runs and control, mean over seeds) per config."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -313,8 +313,9 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any],
                            squeeze=False)
   for ax, config in zip(axes[0], configs):
     variants = summary[config]
-    shown = [v for v, s in variants.items() if s["group"] == "main" and
-             (s["optimizer"] != "adamw" or s["is_best_adamw"])]
+    shown = [v for v, s in variants.items() if s["group"] == "control" or (
+        s["group"] == "main" and
+        (s["optimizer"] != "adamw" or s["is_best_adamw"]))]
     for variant in shown:
       rs = [r for r in records
             if r["config"] == config and r["variant"] == variant]
