@@ -295,6 +295,13 @@ def report(records: list[dict[str, Any]], unigram: dict[str, float]
                        ["variant", "rank", "scaling", "projection", "limiter",
                         "held-out loss", "ppl", "Δ loss vs APOLLO",
                         "per-seed"], rows))
+  cpu_hours = sum(r["cpu_s"] for r in records) / 3600
+  parts.insert(0, (
+      f"{len(records)} runs, {cpu_hours:.2f} CPU-hours in all (user + sys "
+      f"of each train() call, compilation included). The runs come from "
+      f"`make bench-quality` (one process per config, each pinned to a "
+      f"core; finished runs in the log are skipped); this report from "
+      f"`--report-only` over its log."))
   results = {"summary": summary, "unigram_entropy": unigram,
              "runs": [{k: v for k, v in r.items() if k != "losses"}
                       for r in records]}
