@@ -39,6 +39,12 @@ Usage::
   python -m benchmarks.quality                       # the whole sweep
   python -m benchmarks.quality --configs 20m --no-ablations
   python -m benchmarks.quality --report-only
+  python -m benchmarks.quality --c4 --steps 10000 --batch-size 512 --seq-len 256
+      # the paper's setting on C4 (streamed, T5 tokenizer; a GPU job)
+
+With ``--c4`` (or ``--c4-files``) the runs use ``apollo_lm.train``'s C4
+pipeline and the report is ``quality_c4.*``; the data source is part of each
+run's key, so C4 and stdlib runs never mix.
 """
 
 from __future__ import annotations
@@ -144,14 +150,12 @@ def _append(path: pathlib.Path, record: dict[str, Any]) -> None:
     fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def execute(run: Run, budget: dict[str, Any], cache_dir: str,
-            data: Sequence[str] | None) -> dict[str, Any]:
+def execute(run: Run, budget: dict[str, Any], cache_dir: str
+            ) -> dict[str, Any]:
   """Trains one run and returns its log record."""
   flags = {"config": run.config, "seed": run.seed, "no_progress": True,
            "compilation_cache": cache_dir, **budget, **run.flags}
   flags["eval_every"] = max(1, budget["steps"] // 5)
-  if data is not None:
-    flags["data"] = list(data)
   cpu0, wall0 = _cpu_seconds(), time.perf_counter()
   result = train_lib.train(flags)
   return {
@@ -363,10 +367,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--eval-batches", type=int, default=16)
   parser.add_argument("--data", nargs="+", default=None,
                       help="text files/directories instead of the stdlib")
+  parser.add_argument("--c4", action="store_true",
+                      help="C4 (streamed, or --c4-files) as apollo_lm.train")
+  parser.add_argument("--c4-files", nargs="+", default=None)
+  parser.add_argument("--c4-eval-files", nargs="+", default=None)
+  parser.add_argument("--hf-tokenizer", default="t5-base")
   parser.add_argument("--cache", default="/tmp/apollo_quality_xla_cache",
                       help="XLA compilation cache directory")
   parser.add_argument("--out-dir", default=str(common.RESULTS_DIR))
-  parser.add_argument("--name", default="quality")
+  parser.add_argument("--name", default=None,
+                      help="report name (default: quality, quality_c4)")
   parser.add_argument("--report-only", action="store_true")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny at vocab 512, 4 steps, AdamW at two lrs, "
@@ -381,11 +391,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       raise ValueError(f"--configs/--ablation-config: unknown config "
                        f"{config!r}; allowed: "
                        f"{', '.join(configs_lib.CONFIG_NAMES)}.")
+  c4 = args.c4 or args.c4_files is not None
+  if args.name is None:
+    args.name = "quality_c4" if c4 else "quality"
   out_dir = pathlib.Path(args.out_dir)
   log_path = out_dir / f"{args.name}_runs.jsonl"
   budget = {"steps": args.steps, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "vocab_size": args.vocab_size,
-            "eval_batches": args.eval_batches}
+            "seq_len": args.seq_len, "eval_batches": args.eval_batches}
+  if c4:
+    budget.update(c4=True, c4_files=args.c4_files,
+                  c4_eval_files=args.c4_eval_files,
+                  hf_tokenizer=args.hf_tokenizer)
+  else:
+    budget["vocab_size"] = args.vocab_size
+    if args.data is not None:
+      budget["data"] = list(args.data)
   runs = plan(args.configs, args.seeds, args.adamw_lrs,
               None if args.no_ablations else args.ablation_config)
   if args.smoke:
@@ -398,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already in "
           f"{log_path}; running {len(todo)}", flush=True)
     for i, run in enumerate(todo, 1):
-      record = execute(run, budget, args.cache, args.data)
+      record = execute(run, budget, args.cache)
       _append(log_path, record)
       print(f"[{i}/{len(todo)}] {run.config} {run.variant} seed {run.seed}: "
             f"held-out loss {record['eval_loss']:.4f} "
@@ -409,13 +429,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              if r["budget"] == budget and r["eval_loss"] is not None]
   if not records:
     raise SystemExit(f"no finished runs with this budget in {log_path}")
-  corpus = data_lib.load_corpus(args.data, vocab_size=args.vocab_size)
-  unigram = data_lib.unigram_entropy(corpus.train_tokens, corpus.eval_tokens,
-                                     corpus.vocab_size)
-  results, markdown = report(
-      records, {c: unigram for c in {r["config"] for r in records}})
+  unigrams, description = {}, "C4 (apollo_lm.data.c4_batches)"
+  if not c4:
+    corpus = data_lib.load_corpus(args.data, vocab_size=args.vocab_size)
+    unigram = data_lib.unigram_entropy(corpus.train_tokens,
+                                       corpus.eval_tokens, corpus.vocab_size)
+    unigrams = {c: unigram for c in {r["config"] for r in records}}
+    description = corpus.description
+  results, markdown = report(records, unigrams)
   results["budget"] = budget
-  results["corpus"] = corpus.description
+  results["corpus"] = description
   plot_name = f"{args.name}_curves.png"
   plot(records, results["summary"], out_dir / plot_name)
   markdown += (f"\n\nLoss curves: [{plot_name}]({plot_name}). Every run "
