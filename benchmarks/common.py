@@ -159,6 +159,14 @@ def write_results(name: str, results: Mapping[str, Any], markdown: str,
   return json_path
 
 
+def pyplot() -> Any:
+  """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
 def gb(num_bytes: float) -> str:
   """Bytes as decimal gigabytes with two decimals (the paper's 'G')."""
   return f"{num_bytes / 1e9:.2f}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 from typing import Any
 
 import jax
@@ -195,6 +196,38 @@ def report(results: dict[str, Any]) -> str:
   return "\n\n".join(parts)
 
 
+PLOTTED = ("adamw", "apollo", "apollo_mini", "galore", "adafactor",
+           "sgd_momentum")
+
+
+def plot(results: dict[str, Any], path: pathlib.Path) -> None:
+  """Weights + gradients + optimizer state in bfloat16, one panel per model.
+
+  The paper's memory figure counts the same three terms in BF16.
+  """
+  plt = common.pyplot()
+  configs = results["configs"]
+  fig, axes = plt.subplots(1, len(configs), figsize=(3.2 * len(configs), 4),
+                           squeeze=False)
+  for ax, cfg in zip(axes[0], configs):
+    row = results["bfloat16"][cfg]
+    x = range(len(PLOTTED))
+    weights = [row["weights_bytes"] / 1e9] * len(PLOTTED)
+    grads = [row["grads_bytes"] / 1e9] * len(PLOTTED)
+    states = [row["optimizers"][n]["state_bytes"] / 1e9 for n in PLOTTED]
+    ax.bar(x, weights, label="weights", color="#9bb7d4")
+    ax.bar(x, grads, bottom=weights, label="gradients", color="#c9d9a6")
+    ax.bar(x, states, bottom=[w + g for w, g in zip(weights, grads)],
+           label="optimizer state", color="#e07b5f")
+    ax.set_xticks(list(x), PLOTTED, rotation=60, ha="right", fontsize=8)
+    ax.set_title(f"LLaMA-{cfg} (bf16)")
+    ax.set_ylabel("GB")
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
@@ -211,8 +244,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   results["lowrank_only_bf16"] = {
       cfg: {name: lowrank_split(get_config(cfg), name, 2)
             for name in ("apollo", "apollo_mini")} for cfg in configs}
-  markdown = report(results)
+  markdown = report(results) + (
+      "\n\nWeights + gradients + state in bfloat16: [memory.png](memory.png).")
   common.write_results("memory", results, markdown, args.out_dir)
+  plot(results, pathlib.Path(args.out_dir) / "memory.png")
   return results
 
 

@@ -315,10 +315,7 @@ def report(records: list[dict[str, Any]], unigram: dict[str, float]
 def plot(records: list[dict[str, Any]], summary: dict[str, Any],
          path: pathlib.Path) -> None:
   """Loss curves (main runs and control, mean over seeds) per config."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  plt = common.pyplot()
   configs = list(summary)
   fig, axes = plt.subplots(1, len(configs), figsize=(6.5 * len(configs), 4.5),
                            squeeze=False)

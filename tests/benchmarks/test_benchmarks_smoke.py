@@ -39,7 +39,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
     assert proc.returncode == 0, f"{name} failed:\n{err[-3000:]}"
     assert (out / f"{name}.md").read_text().startswith(f"# {name}")
     loaded[name] = json.loads((out / f"{name}.json").read_text())
-  loaded["quality_dir"] = out
+  loaded["out_dir"] = out
   return loaded
 
 
@@ -52,6 +52,7 @@ def _check_metadata(meta: dict) -> None:
 def test_memory(results):
   r = results["memory"]
   _check_metadata(r["metadata"])
+  assert (results["out_dir"] / "memory.png").stat().st_size > 0
   for dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
     for row in r[dtype].values():
       opts = row["optimizers"]
@@ -130,12 +131,12 @@ def test_quality(results):
   assert tiny["apollo_no_limiter"]["hparams"]["limiter"] is False
   assert tiny["apollo"]["hparams"]["limiter"] is True
   assert tiny["apollo"]["state_bytes"] < adamw[best]["state_bytes"]
-  markdown = (results["quality_dir"] / "quality.md").read_text()
+  markdown = (results["out_dir"] / "quality.md").read_text()
   assert "AdamW (best of sweep)" in markdown and "apollo_no_limiter" in markdown
   assert "control: AdamW, embedding/head/norms at 0.01" in markdown
   control = tiny["adamw_lr1e-03_nonlowrank1e-02"]
   assert not control["is_best_adamw"]
   assert control["hparams"]["non_lowrank_lr"] == 1e-2
-  assert (results["quality_dir"] / "quality_curves.png").stat().st_size > 0
-  log = (results["quality_dir"] / "quality_runs.jsonl").read_text()
+  assert (results["out_dir"] / "quality_curves.png").stat().st_size > 0
+  log = (results["out_dir"] / "quality_runs.jsonl").read_text()
   assert len(log.splitlines()) == 5
