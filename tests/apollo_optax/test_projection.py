@@ -13,8 +13,8 @@ pytestmark = pytest.mark.xdist_group("apollo_optax_projection")
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (4, 64), (1, 1376),
-                                   (128, 512), (256, 2048)])
-@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1])
+                                   (128, 512)])
+@pytest.mark.parametrize("seed", [0, 2**31 - 1])
 def test_gaussian_projection_is_jax_random_normal_bit_for_bit(shape, seed):
   key = jax.random.fold_in(jax.random.key(seed), 12345)
   np.testing.assert_array_equal(
