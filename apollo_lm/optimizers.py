@@ -339,7 +339,7 @@ def make_optimizer(
       common, weight_decay=weight_decay, weight_decay_mask=decay_mask,
       update_proj_gap=hp["update_proj_gap"], seed=seed, scale=hp["scale"],
       projection=hp["projection"],
-      norm_growth_limit=1.01 if limiter else None)
+      **({} if limiter else {"norm_growth_limit": None}))
   if name == "adamw":
     tx = optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask,
                      **common)

@@ -1,7 +1,7 @@
 """Why does APOLLO-Mini lag AdamW in ``make demo``? Short runs, one JSON line each.
 
 Usage (each RUN is NAME:key=value,key=value with train() flag names; the
-extra keys ``no_limiter=1`` and ``log_limiter=1`` patch APOLLO-Mini)::
+extra keys ``no_limiter=1`` (``--no-limiter``) and ``log_limiter=1``)::
 
   python benchmarks/demo_investigation.py --log runs.jsonl \\
       adamw_150:optimizer=adamw,steps=150 \\
@@ -10,9 +10,8 @@ extra keys ``no_limiter=1`` and ``log_limiter=1`` patch APOLLO-Mini)::
 Every run uses the demo's setup (tiny LLaMA, stdlib corpus, batch 16 x 128,
 8 held-out batches, seed 0) unless overridden, and records the held-out loss,
 perplexity and the CPU (user + sys) and wall time of its ``train()`` call.
-``rest_lr_mult=X`` multiplies the updates of the leaves that are not
-low-rank (embedding, head, norms) by X, i.e. gives them X times the peak lr
-(weight decay is 0): adamw with X=10 updates the embeddings and head at 1e-2
+``rest_lr_mult=X`` gives the leaves that are not low-rank (embedding, head,
+norms) X times the peak lr (``apollo_lm.train``'s ``--non-lowrank-lr``): adamw with X=10 updates the embeddings and head at 1e-2
 as the APOLLO runs do, apollo_mini with X=0.1 at AdamW's 1e-3.
 ``log_limiter=1`` records, per step, the fraction of APOLLO-Mini's low-rank
 matrices whose update the norm-growth limiter shrank (factor < 1) and the
@@ -23,7 +22,6 @@ time (no source change).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import resource
 import sys
@@ -32,11 +30,10 @@ import time
 import jax
 import numpy as np
 
-import apollo_optax
 from apollo_optax._src import limiter as limiter_lib
+from apollo_lm import configs as configs_lib
 from apollo_lm import optimizers as optimizers_lib
 from apollo_lm import train as train_lib
-import optax
 
 _BASE = {"config": "tiny", "steps": 150, "batch_size": 16, "seq_len": 128,
          "vocab_size": 8192, "eval_batches": 8, "seed": 0,
@@ -71,29 +68,21 @@ def main() -> None:
   p.add_argument("--cache", default="/tmp/apollo_demo_xla_cache")
   p.add_argument("runs", nargs="+")
   args = p.parse_args()
-  original_mini = apollo_optax.apollo_mini
   original_limit = limiter_lib.growth_limit
-  original_make = optimizers_lib.make_optimizer
   for spec in args.runs:
     name, kv = _parse(spec)
     no_limiter = kv.pop("no_limiter", 0)
     log_limiter = kv.pop("log_limiter", 0)
     rest_lr_mult = kv.pop("rest_lr_mult", None)
     if rest_lr_mult is not None:
-      def make(*a, _mult=float(rest_lr_mult), **k):
-        def update(updates, state, params=None):
-          mask = apollo_optax.default_lowrank_mask(updates)
-          return jax.tree.map(lambda u, low: u if low else u * _mult,
-                              updates, mask), state
-        return optax.chain(original_make(*a, **k),
-                           optax.GradientTransformation(
-                               lambda p: optax.EmptyState(), update))
-      optimizers_lib.make_optimizer = make
-    else:
-      optimizers_lib.make_optimizer = original_make
-    apollo_optax.apollo_mini = (
-        functools.partial(original_mini, norm_growth_limit=None)
-        if no_limiter else original_mini)
+      # X times the optimizer's peak lr on the embedding, head and norms.
+      peak = optimizers_lib.resolve_hparams(
+          kv.get("optimizer", "apollo"),
+          configs_lib.get_config(kv.get("config", _BASE["config"])),
+          learning_rate=kv.get("lr"))["learning_rate"]
+      kv["non_lowrank_lr"] = float(rest_lr_mult) * peak
+    if no_limiter:
+      kv["limiter"] = False  # apollo_lm.train's --no-limiter
     factors: list[np.ndarray] = []
     if log_limiter:
       def logged(norm, previous, gamma):
