@@ -18,6 +18,7 @@ from apollo_optax._src.limiter import norm_growth_limiter
 from apollo_optax._src.limiter import NormGrowthLimiterState
 from apollo_optax._src.memory import state_bytes
 from apollo_optax._src.projection import gaussian_projection
+from apollo_optax._src.projection import rademacher_projection
 from apollo_optax._src.scale_by_apollo import scale_by_apollo
 from apollo_optax._src.scale_by_apollo import ScaleByApolloState
 from apollo_optax._src.sharding import state_shardings
@@ -35,6 +36,7 @@ __all__ = (
     "default_lowrank_mask",
     "gaussian_projection",
     "norm_growth_limiter",
+    "rademacher_projection",
     "scale_by_adam_bias_correction",
     "scale_by_adam_moments",
     "scale_by_apollo",

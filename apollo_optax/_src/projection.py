@@ -51,26 +51,39 @@ def _is_threefry(key: jax.Array) -> bool:
               jax.random.key(0, impl="threefry2x32")))
 
 
-def _standard_normal(key: jax.Array, shape: tuple[int, ...],
-                     dtype: Any) -> jax.Array:
-  """``jax.random.normal(key, shape, dtype)``, bit for bit, but faster on CPU.
+def _random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """``jax.random.bits(key, shape, jnp.uint32)``, bit for bit, faster on CPU.
 
-  For a typed threefry key, float32 and JAX's (default) partitionable threefry
-  this draws the same bits as ``jax.random.bits`` (counter ``i`` of the
-  flattened array, high word 0, output words xor-ed) and maps them the way
-  ``jax.random.normal`` does (uniform in (-1, 1), then √2·erfinv); a test
-  checks the identity, so a JAX release that changes its sampler fails CI
-  instead of silently changing P. Anything else calls ``jax.random.normal``.
+  For a typed threefry key and JAX's (default) partitionable threefry, word
+  ``i`` of the flattened array is Threefry-2x32 of the counter (0, i) with the
+  two output words xor-ed, computed by the unrolled :func:`_threefry2x32`; a
+  test checks the identity, so a JAX release that changes its sampler fails CI
+  instead of silently changing P. Anything else calls ``jax.random.bits``.
   """
   size = math.prod(shape)
-  if not (jnp.dtype(dtype) == jnp.float32 and _is_threefry(key)
-          and jax.config.jax_threefry_partitionable and size < 2**32):
-    return jax.random.normal(key, shape, dtype)
+  if not (_is_threefry(key) and jax.config.jax_threefry_partitionable
+          and size < 2**32):
+    return jax.random.bits(key, shape, jnp.uint32)
   key_data = jax.random.key_data(key)
   counters = lax.iota(jnp.uint32, size).reshape(shape)
   high, low = _threefry2x32(key_data[0], key_data[1],
                             jnp.zeros(shape, jnp.uint32), counters)
-  bits = high ^ low
+  return high ^ low
+
+
+def _standard_normal(key: jax.Array, shape: tuple[int, ...],
+                     dtype: Any) -> jax.Array:
+  """``jax.random.normal(key, shape, dtype)``, bit for bit, but faster on CPU.
+
+  For a typed threefry key and float32 this maps :func:`_random_bits` the way
+  ``jax.random.normal`` does (uniform in (-1, 1), then √2·erfinv); a test
+  checks the identity. Anything else calls ``jax.random.normal``.
+  """
+  if not (jnp.dtype(dtype) == jnp.float32 and _is_threefry(key)
+          and jax.config.jax_threefry_partitionable
+          and math.prod(shape) < 2**32):
+    return jax.random.normal(key, shape, dtype)
+  bits = _random_bits(key, shape)
   # 23 random mantissa bits -> [1, 2) -> [0, 1) -> [lo, 1), lo > -1.
   unit = lax.bitcast_convert_type(
       lax.shift_right_logical(bits, np.uint32(9)) | np.uint32(0x3F800000),
@@ -97,6 +110,59 @@ def gaussian_projection(
   """
   rank = shape[0]
   return _standard_normal(key, shape, dtype) * (1.0 / math.sqrt(rank))
+
+
+def rademacher_signs(
+    key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
+) -> jax.Array:
+  """Independent fair ±1 entries of ``shape``, 32 per random 32-bit word.
+
+  Each row (all axes but the last) draws ``ceil(d / 32)`` words of
+  ``jax.random.bits(key, (..., ceil(d / 32)), jnp.uint32)``; bit ``k`` of word
+  ``w`` (least significant first) gives entry ``32·w + k`` of the row: +1 when
+  it is set, -1 otherwise. The entries are exact in every floating dtype.
+
+  Example:
+    >>> import jax
+    >>> s = rademacher_signs(jax.random.key(0), (4, 40))
+    >>> s.shape, sorted(set(s.ravel().tolist()))
+    ((4, 40), [-1.0, 1.0])
+  """
+  *rows, d = shape
+  words = _random_bits(key, (*rows, -(-d // 32)))
+  shifts = lax.broadcasted_iota(jnp.uint32, (*rows, words.shape[-1], 32),
+                                len(rows) + 1)
+  bits = lax.shift_right_logical(words[..., None], shifts) & np.uint32(1)
+  bits = bits.reshape(*rows, -1)[..., :d]
+  one = jnp.ones((), dtype)
+  return jnp.where(bits == 1, one, -one)
+
+
+def rademacher_projection(
+    key: jax.Array, shape: tuple[int, int], dtype: Any = jnp.float32
+) -> jax.Array:
+  r"""P with i.i.d. entries ±1/√rank, rank = shape[0], each sign fair.
+
+  The entries are :func:`rademacher_signs` times :math:`1/\sqrt r` (rounded
+  to ``dtype``), drawn from the same keys as :func:`gaussian_projection`, so
+  a stacked leaf gets the projections of its layers one by one and the state
+  and sharding are the Gaussian's. The guarantee APOLLO relies on holds as
+  for the Gaussian: the entries are independent, zero-mean, sub-Gaussian with
+  variance 1/r, so :math:`\mathbb E[P^\top P] = I` and the
+  Johnson–Lindenstrauss lemma (Achlioptas 2003, "Database-friendly random
+  projections") bounds the distortion of ‖P x‖ around ‖x‖ for every
+  channel x with the same rank as for Gaussian entries. Generating it takes
+  one random bit per entry instead of 32 and a normal transform.
+
+  Example:
+    >>> import jax
+    >>> p = rademacher_projection(jax.random.key(0), (4, 64))
+    >>> sorted(set(abs(p).ravel().tolist()))
+    [0.5]
+  """
+  rank = shape[0]
+  return rademacher_signs(key, shape, dtype) * jnp.asarray(
+      1.0 / math.sqrt(rank), dtype)
 
 
 def leaf_seed(path: str) -> int:

@@ -1,4 +1,4 @@
-"""Tests of ``apollo_optax._src.projection``: the Gaussian projection's bits."""
+"""Tests of ``apollo_optax._src.projection``: the Gaussian and Rademacher bits."""
 
 import math
 
@@ -63,3 +63,104 @@ def test_entries_are_standard_normal_over_rank():
   assert abs(p.var() - 1.0) < 0.015
   assert abs(np.mean(p**4) - 3.0) < 0.06  # Gaussian kurtosis
   assert abs(np.mean(np.abs(p) > 1.959964) - 0.05) < 0.003
+
+
+# --- Rademacher projection (issue 12) -------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (4, 64), (2, 3, 33)])
+@pytest.mark.parametrize("make_key", [
+    lambda: jax.random.key(5),
+    lambda: jax.random.key(5, impl="rbg"),
+    lambda: jax.random.PRNGKey(5),
+])
+def test_random_bits_are_jax_random_bits(shape, make_key):
+  key = make_key()
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(proj._random_bits, static_argnums=1)(key, shape)),
+      np.asarray(jax.random.bits(key, shape, jnp.uint32)))
+
+
+def _numpy_signs(key, shape):
+  """float64 NumPy reference: bit k of word w is entry 32·w + k of a row."""
+  *rows, d = shape
+  words = np.asarray(jax.random.bits(key, (*rows, -(-d // 32)), jnp.uint32))
+  bits = (words[..., :, None] >> np.arange(32, dtype=np.uint32)) & 1
+  bits = bits.reshape(*rows, -1)[..., :d]
+  return np.where(bits == 1, 1.0, -1.0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (4, 64), (128, 512),
+                                   (5, 1376), (2, 4, 31)])
+@pytest.mark.parametrize("seed", [0, 2**31 - 1])
+def test_rademacher_signs_unpack_the_words_of_jax_random_bits(shape, seed):
+  key = jax.random.fold_in(jax.random.key(seed), 12345)
+  got = jax.jit(proj.rademacher_signs, static_argnums=1)(key, shape)
+  np.testing.assert_array_equal(np.asarray(got, np.float64),
+                                _numpy_signs(key, shape))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16,
+                                   jnp.float64])
+@pytest.mark.parametrize("rank", [1, 3, 128])
+def test_rademacher_entries_are_exactly_plus_minus_one_over_sqrt_rank(
+    dtype, rank):
+  with jax.enable_x64(dtype == jnp.float64):
+    _check_rademacher_entries(dtype, rank)
+
+
+def _check_rademacher_entries(dtype, rank):
+  key = jax.random.key(rank)
+  p = proj.rademacher_projection(key, (rank, 200), dtype)
+  assert p.dtype == dtype and p.shape == (rank, 200)
+  value = np.asarray(jnp.asarray(1 / math.sqrt(rank), dtype), np.float64)
+  np.testing.assert_array_equal(
+      np.asarray(p, np.float64), _numpy_signs(key, (rank, 200)) * value)
+  # Reproducible from the key alone.
+  np.testing.assert_array_equal(
+      np.asarray(p, np.float64),
+      np.asarray(proj.rademacher_projection(key, (rank, 200), dtype),
+                 np.float64))
+
+
+def test_rademacher_signs_are_balanced_and_uncorrelated_over_keys():
+  keys = jax.random.split(jax.random.key(0), 2000)
+  s = np.asarray(jax.jit(jax.vmap(
+      lambda k: proj.rademacher_signs(k, (4, 70))))(keys), np.float64)
+  # Every position (and so every bit of a word) is fair: 2000 draws each,
+  # sampling sd of a mean 0.022; the max over 280 positions stays < 0.1.
+  assert np.max(np.abs(s.mean(axis=0))) < 0.1
+  assert abs(s.mean()) < 0.01  # 560,000 draws, sd 0.0013
+  # Neighbouring bits of one word, and the same bit of consecutive words and
+  # rows, are uncorrelated (sd of each mean 0.0013-0.0015).
+  for a, b in [(s[:, :, :-1], s[:, :, 1:]), (s[:, :, :38], s[:, :, 32:]),
+               (s[:, :-1], s[:, 1:])]:
+    assert abs(np.mean(a * b)) < 0.01
+
+
+@pytest.mark.parametrize("rank", [4, 32])
+def test_rademacher_projection_preserves_norms_in_expectation(rank):
+  # E‖Px‖² = ‖x‖² (E[PᵀP] = I) and Var(‖Px‖²/‖x‖²) = 2/r·(1 − Σx⁴/‖x‖⁴)
+  # for ±1/√r entries; both against float64 NumPy over 4000 keys.
+  x = np.asarray(jax.random.normal(jax.random.key(9), (96,)), np.float64)
+  keys = jax.random.split(jax.random.key(1), 4000)
+  p = np.asarray(jax.jit(jax.vmap(
+      lambda k: proj.rademacher_projection(k, (rank, 96))))(keys), np.float64)
+  ratio = np.sum((p @ x) ** 2, axis=1) / np.sum(x**2)
+  var = 2 / rank * (1 - np.sum(x**4) / np.sum(x**2) ** 2)
+  assert abs(ratio.mean() - 1) < 5 * math.sqrt(var / 4000)
+  assert abs(ratio.var() / var - 1) < 0.15
+  gram = np.mean(np.einsum("krd,kre->kde", p[:500], p[:500]), axis=0)
+  np.testing.assert_allclose(gram, np.eye(96), atol=0.1)
+
+
+def test_rademacher_stack_matches_layer_by_layer():
+  keys = proj.projection_keys(3, "['layers']['q']", jnp.int32(2), 8)
+  stacked = jax.jit(jax.vmap(
+      lambda k: proj.rademacher_projection(k, (16, 96))))(keys)
+  for layer in range(8):
+    one = proj.projection_keys(3, "['layers']['q']", jnp.int32(2), 1,
+                               first_matrix=layer)[0]
+    np.testing.assert_array_equal(
+        stacked[layer], _numpy_signs(one, (16, 96)) / 4.0)  # exact: 1/4
+  assert not np.array_equal(stacked[0], stacked[1])
