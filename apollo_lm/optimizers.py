@@ -390,3 +390,59 @@ def _scale_non_lowrank(factor: float) -> optax.GradientTransformation:
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
+
+
+# ---------------------------------------------------------------------------
+# Freezing parts of a model (fine-tuning).
+
+FREEZABLE: Final[dict[str, tuple[str, ...]]] = {
+    "embedding": ("embed", "embed_tokens", "wte"),
+    "head": ("lm_head",),
+}
+"""Parts that can be frozen, and the path keys that name their leaves."""
+
+
+def frozen_mask(params: Any, parts: tuple[str, ...] | list[str]) -> Any:
+  """A pytree of bools: True for the leaves of ``params`` in ``parts``.
+
+  A leaf belongs to a part when a key on its path is one of
+  ``FREEZABLE[part]`` (``embed/embedding``, ``lm_head/kernel``). Works on any
+  subtree (the layer-wise step runs the optimizer per group of leaves).
+
+  Raises:
+    ValueError: a part not in :data:`FREEZABLE`.
+  """
+  unknown = [p for p in parts if p not in FREEZABLE]
+  if unknown:
+    raise ValueError(f"freeze: unknown part(s) {unknown}; allowed: "
+                     f"{', '.join(FREEZABLE)}.")
+  keys = {k for p in parts for k in FREEZABLE[p]}
+
+  def frozen(path: Any, _: Any) -> bool:
+    names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+    return bool(names & keys)
+
+  return jax.tree_util.tree_map_with_path(frozen, params)
+
+
+def freeze(tx: optax.GradientTransformation,
+           parts: tuple[str, ...] | list[str]) -> optax.GradientTransformation:
+  """``tx`` on every leaf except those of ``parts``, which stay unchanged.
+
+  ``optax.partition`` with ``optax.set_to_zero()`` on the frozen leaves: they
+  get zero updates and no optimizer state, and since their gradients are not
+  read, XLA drops the computation of those gradients (e.g. the embedding's
+  scatter-add) from a jitted step unless something else reads them.
+
+  Example::
+
+    tx = freeze(apollo_optax.apollo_mini(3e-4), ["embedding"])
+  """
+  if not parts:
+    return tx
+
+  def labels(params: Any) -> Any:
+    return jax.tree.map(lambda f: "frozen" if f else "train",
+                        frozen_mask(params, parts))
+
+  return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
