@@ -16,7 +16,10 @@
 The architecture is HF ``LlamaForCausalLM`` as used by the APOLLO/GaLore
 pre-training runs: token embedding, ``L`` pre-norm blocks of rotary causal
 self-attention and a SwiGLU MLP, a final RMSNorm and an untied output head,
-no biases. The ``L`` blocks are created once with ``nnx.vmap`` so every block
+no biases. Optional config fields add what Llama 2/3.x, Mistral and Qwen2
+checkpoints need: grouped-/multi-query attention (``num_kv_heads``), an
+explicit ``head_dim``, tied embeddings (no ``lm_head``), llama3 RoPE scaling
+and q/k/v biases (``qkv_bias``). The ``L`` blocks are created once with ``nnx.vmap`` so every block
 weight carries a leading layer axis, and applied with ``nnx.scan``; one block
 is compiled instead of ``L``, and optimizers see one ``(L, m, n)`` array per
 weight kind.
@@ -25,15 +28,21 @@ Parameter paths (the contract that optimizer labelling and sharding code rely
 on; ``nnx.Linear`` kernels are ``(in, out)``)::
 
   embed/embedding                                (V, d)
-  layers/attn/{q,k,v,o}_proj/kernel              (L, d, d)
+  layers/attn/q_proj/kernel                      (L, d, H*D)
+  layers/attn/{k,v}_proj/kernel                  (L, d, K*D)
+  layers/attn/o_proj/kernel                      (L, H*D, d)
+  layers/attn/{q,k,v}_proj/bias                  (L, H*D | K*D)  (qkv_bias)
   layers/mlp/{gate,up}_proj/kernel               (L, d, f)
   layers/mlp/down_proj/kernel                    (L, f, d)
   layers/{attn,mlp}_norm/scale                   (L, d)
   final_norm/scale                               (d,)
-  lm_head/kernel                                 (d, V)
+  lm_head/kernel                                 (d, V)  (not when tied)
+
+with ``H`` = ``num_heads``, ``K`` = ``num_kv_heads``, ``D`` = ``head_dim``
+(the paper's configs: ``K = H``, ``H*D = d``).
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from flax import nnx
 import jax
@@ -42,6 +51,7 @@ import optax
 
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
+from apollo_lm.configs import RopeScaling
 from apollo_lm.sharding import constrain
 
 # Activation layouts for `constrain`: the batch is split over both the data
@@ -60,12 +70,16 @@ def _normal(config: LlamaConfig, sharding: tuple[Any, ...]):
 
 
 def _linear(config: LlamaConfig, din: int, dout: int,
-            sharding: tuple[Any, ...], rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
-  """Bias-free ``(din, dout)`` projection in the config's dtypes."""
+            sharding: tuple[Any, ...], rngs: nnx.Rngs, *,
+            use_bias: bool = False, **kwargs) -> nnx.Linear:
+  """``(din, dout)`` projection in the config's dtypes; bias zero-initialised."""
   return nnx.Linear(
-      din, dout, use_bias=False, dtype=config.dtype,
+      din, dout, use_bias=use_bias, dtype=config.dtype,
       param_dtype=config.param_dtype,
-      kernel_init=_normal(config, sharding), rngs=rngs, **kwargs)
+      kernel_init=_normal(config, sharding),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(),
+                                      sharding[1:]),
+      rngs=rngs, **kwargs)
 
 
 class RMSNorm(nnx.Module):
@@ -85,47 +99,143 @@ class RMSNorm(nnx.Module):
     return x32.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 
-def rotary_embedding(x: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float,
+                     scaling: RopeScaling | None = None) -> jax.Array:
+  """The ``head_dim / 2`` rotary frequencies ``theta^(-2i/D)``, float32.
+
+  With ``scaling`` (type llama3) low frequencies are divided by
+  ``scaling.factor`` and the band between interpolated; see
+  :class:`apollo_lm.configs.RopeScaling` for the rule.
+  """
+  inv_freq = theta ** -(jnp.arange(0, head_dim, 2, jnp.float32) / head_dim)
+  if scaling is None:
+    return inv_freq
+  context = scaling.original_max_position_embeddings
+  wavelength = 2 * jnp.pi / inv_freq
+  smooth = (context / wavelength - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+  return jnp.where(
+      wavelength < context / scaling.high_freq_factor, inv_freq,
+      jnp.where(wavelength > context / scaling.low_freq_factor,
+                inv_freq / scaling.factor, interpolated))
+
+
+def rotary_embedding(x: jax.Array, theta: float,
+                     positions: jax.Array | None = None,
+                     scaling: RopeScaling | None = None) -> jax.Array:
   """Rotates ``x[B, T, H, D]`` by position-dependent angles (RoPE).
 
   Uses the "rotate half" layout of HF LLaMA, which pairs feature ``i`` with
   ``i + D/2``; the angles are computed and applied in float32.
+
+  Args:
+    x: Queries or keys, ``[B, T, H, D]``.
+    theta: Base of the frequencies.
+    positions: Optional ``int[B, T]`` position of each token; default
+      ``0 .. T-1`` in every row.
+    scaling: Optional llama3 frequency scaling.
   """
   seq_len, head_dim = x.shape[1], x.shape[-1]
-  inv_freq = theta ** -(jnp.arange(0, head_dim, 2, jnp.float32) / head_dim)
-  angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq
-  cos = jnp.cos(angles)[None, :, None, :]
-  sin = jnp.sin(angles)[None, :, None, :]
+  inv_freq = rope_frequencies(head_dim, theta, scaling)
+  if positions is None:
+    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+  else:
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
   return rotated.astype(x.dtype)
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every layer for incremental decoding.
+
+  Attributes:
+    k: ``[L, B, S, K, D]`` rotated keys (``S`` = cache capacity).
+    v: ``[L, B, S, K, D]`` values.
+    length: ``int32[]``, how many positions are filled (the next position).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  length: jax.Array
+
+
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with rotary positions on q and k."""
+  """Causal self-attention with rotary positions on q and k.
+
+  ``num_kv_heads`` key/value heads are shared by groups of
+  ``num_heads / num_kv_heads`` query heads (grouped-query attention; equal
+  numbers give multi-head, one gives multi-query attention).
+  """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-    d = config.hidden_size
+    d, dq = config.hidden_size, config.num_heads * config.head_dim
+    dkv = config.num_kv_heads * config.head_dim
     self.num_heads = config.num_heads
+    self.num_kv_heads = config.num_kv_heads
     self.head_dim = config.head_dim
     self.rope_theta = config.rope_theta
-    self.q_proj = _linear(config, d, d, ("fsdp", "tensor"), rngs)
-    self.k_proj = _linear(config, d, d, ("fsdp", "tensor"), rngs)
-    self.v_proj = _linear(config, d, d, ("fsdp", "tensor"), rngs)
-    self.o_proj = _linear(config, d, d, ("tensor", "fsdp"), rngs)
+    self.rope_scaling = config.rope_scaling
+    bias = config.qkv_bias
+    self.q_proj = _linear(config, d, dq, ("fsdp", "tensor"), rngs,
+                          use_bias=bias)
+    self.k_proj = _linear(config, d, dkv, ("fsdp", "tensor"), rngs,
+                          use_bias=bias)
+    self.v_proj = _linear(config, d, dkv, ("fsdp", "tensor"), rngs,
+                          use_bias=bias)
+    self.o_proj = _linear(config, dq, d, ("tensor", "fsdp"), rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def _qkv(self, x: jax.Array, positions: jax.Array | None):
     batch, seq_len, _ = x.shape
 
-    def heads(proj: nnx.Linear) -> jax.Array:
-      out = proj(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
+    def heads(proj: nnx.Linear, num: int) -> jax.Array:
+      out = proj(x).reshape(batch, seq_len, num, self.head_dim)
       return constrain(out, _HEADS)
 
-    q = rotary_embedding(heads(self.q_proj), self.rope_theta)
-    k = rotary_embedding(heads(self.k_proj), self.rope_theta)
+    def rope(y: jax.Array) -> jax.Array:
+      return rotary_embedding(y, self.rope_theta, positions, self.rope_scaling)
+
+    return (rope(heads(self.q_proj, self.num_heads)),
+            rope(heads(self.k_proj, self.num_kv_heads)),
+            heads(self.v_proj, self.num_kv_heads))
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Causal attention; ``mask`` (bool ``[B, 1, T, T]``) restricts it more."""
+    batch, seq_len, _ = x.shape
+    q, k, v = self._qkv(x, positions)
     # Logits and softmax are computed in float32 by the XLA implementation.
-    out = jax.nn.dot_product_attention(q, k, heads(self.v_proj), is_causal=True)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
     return self.o_proj(out.reshape(batch, seq_len, -1))
+
+  def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+             start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attends ``x[B, T]`` at positions ``start..start+T-1`` to the cache.
+
+    Writes this step's keys and values into ``k_cache``/``v_cache``
+    (``[B, S, K, D]``) and returns ``(out, k_cache, v_cache)``.
+    """
+    batch, seq_len, _ = x.shape
+    positions = jnp.broadcast_to(
+        start + jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+    q, k, v = self._qkv(x, positions)
+    index = (0, start, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(
+        k_cache, k.astype(k_cache.dtype), index)
+    v_cache = jax.lax.dynamic_update_slice(
+        v_cache, v.astype(v_cache.dtype), index)
+    # Query t sees cache slots 0 .. start + t (earlier and its own).
+    slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
+    mask = slots[None, :] <= positions[0][:, None]
+    out = jax.nn.dot_product_attention(
+        q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+        mask=mask[None, None])
+    return self.o_proj(out.reshape(batch, seq_len, -1)), k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -151,9 +261,33 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = constrain(x + self.attn(self.attn_norm(x)), _RESIDUAL)
+  def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    x = constrain(
+        x + self.attn(self.attn_norm(x), positions=positions, mask=mask),
+        _RESIDUAL)
     return constrain(x + self.mlp(self.mlp_norm(x)), _RESIDUAL)
+
+  def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+             start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """As ``__call__`` for new tokens at ``start..``, through the KV cache."""
+    attn, k_cache, v_cache = self.attn.decode(
+        self.attn_norm(x), k_cache, v_cache, start)
+    x = x + attn
+    return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """Positions that restart at 0 wherever ``segment_ids[B, T]`` changes.
+
+  Example: ``[[1, 1, 1, 2, 2, 3]]`` -> ``[[0, 1, 2, 0, 1, 0]]``.
+  """
+  index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+  changed = jnp.concatenate([
+      jnp.ones_like(segment_ids[:, :1], dtype=bool),
+      segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  starts = jax.lax.cummax(jnp.where(changed, index, 0), axis=1)
+  return index - starts
 
 
 class Llama(nnx.Module):
@@ -163,6 +297,8 @@ class Llama(nnx.Module):
 
     model = Llama(get_config("tiny", vocab_size=512), rngs=nnx.Rngs(0))
     logits = model(tokens)  # int32[B, T] -> float32[B, T, V]
+    # Packed examples: no attention across segments, positions restart.
+    logits = model(tokens, segment_ids=segment_ids)
   """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
@@ -191,12 +327,31 @@ class Llama(nnx.Module):
 
     self.layers = make_layers(rngs)
     self.final_norm = RMSNorm(config)
-    self.lm_head = _linear(
-        config, config.hidden_size, config.vocab_size, ("fsdp", "tensor"),
-        rngs, preferred_element_type=jnp.float32)
+    if not config.tie_embeddings:
+      self.lm_head = _linear(
+          config, config.hidden_size, config.vocab_size, ("fsdp", "tensor"),
+          rngs, preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """Maps ``int32[B, T]`` token ids to ``float32[B, T, V]`` logits."""
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final norm and output head (or the tied embedding): float32 logits."""
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      return tied_logits(x, self.embed.embedding[...], self.config.dtype)
+    return self.lm_head(x).astype(jnp.float32)
+
+  def __call__(self, tokens: jax.Array, *,
+               segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Maps ``int32[B, T]`` token ids to ``float32[B, T, V]`` logits.
+
+    Args:
+      tokens: ``int[B, T]`` token ids.
+      segment_ids: Optional ``int[B, T]`` ids of packed examples: a token
+        attends only to earlier tokens with the same id, and (unless
+        ``positions`` is given) positions restart at 0 in every segment.
+      positions: Optional ``int[B, T]`` rotary positions (default
+        ``0 .. T-1``, or per segment with ``segment_ids``).
+    """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(
           f"Llama: `tokens` must be an integer array [batch, seq_len], got "
@@ -206,10 +361,21 @@ class Llama(nnx.Module):
           f"Llama: sequence length {tokens.shape[1]} exceeds "
           f"`max_seq_len`={self.config.max_seq_len} of config "
           f"{self.config.name!r}.")
+    for name, value in (("segment_ids", segment_ids),
+                        ("positions", positions)):
+      if value is not None and value.shape != tokens.shape:
+        raise ValueError(
+            f"Llama: `{name}` must have the shape of `tokens` "
+            f"{list(tokens.shape)}, got {list(value.shape)}.")
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+      if positions is None:
+        positions = segment_positions(segment_ids)
     x = constrain(self.embed(tokens), _RESIDUAL)
 
     def apply_block(x: jax.Array, block: Block) -> jax.Array:
-      return block(x)
+      return block(x, positions=positions, mask=mask)
 
     if self.config.remat:
       apply_block = nnx.remat(apply_block)
@@ -217,7 +383,55 @@ class Llama(nnx.Module):
         apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
         unroll=1 if self.config.scan_layers else True,
         transform_metadata={nnx.PARTITION_NAME: None})(x, self.layers)
-    return self.lm_head(self.final_norm(x)).astype(jnp.float32)
+    return self.logits(x)
+
+  def init_cache(self, batch: int, max_len: int,
+                 dtype: Any = None) -> KVCache:
+    """An empty :class:`KVCache` for ``batch`` rows of up to ``max_len``."""
+    config = self.config
+    if not 0 < max_len <= config.max_seq_len:
+      raise ValueError(
+          f"Llama.init_cache: `max_len` must be in 1..max_seq_len="
+          f"{config.max_seq_len}, got {max_len}.")
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads,
+             config.head_dim)
+    dtype = config.dtype if dtype is None else dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens: jax.Array,
+             cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Logits of ``tokens[B, T]`` placed after the ``cache.length`` cached ones.
+
+    Use it for the prompt (prefill, ``T`` = prompt length) and then one token
+    at a time; the logits equal those of ``__call__`` on the whole sequence.
+    The caller keeps ``cache.length + T`` within the cache capacity.
+
+    Returns:
+      ``(float32[B, T, V] logits, updated cache)``.
+    """
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(
+          f"Llama.decode: `tokens` must be an integer array [batch, seq_len], "
+          f"got {tokens.dtype}{list(tokens.shape)}.")
+    start = cache.length
+    x = self.embed(tokens)
+
+    def apply_block(x, block, k, v):
+      x, k, v = block.decode(x, k, v, start)
+      return x, (k, v)
+
+    x, (k, v) = nnx.scan(
+        apply_block, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+        transform_metadata={nnx.PARTITION_NAME: None})(
+            x, self.layers, cache.k, cache.v)
+    return self.logits(x), KVCache(k, v, start + tokens.shape[1])
+
+
+def tied_logits(x: jax.Array, embedding: jax.Array, dtype: Any) -> jax.Array:
+  """``x @ embedding.T`` in ``dtype`` with float32 accumulation and output."""
+  return jnp.einsum("...d,vd->...v", x.astype(dtype), embedding.astype(dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def cross_entropy_loss(logits: jax.Array, targets: jax.Array,

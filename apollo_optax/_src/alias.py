@@ -18,10 +18,11 @@ from apollo_optax._src import scale_by_apollo as sba
 from apollo_optax._src import utils
 
 # Path keys of leaves that stay on Adam: embeddings and output heads (as in the
-# paper: only attention and MLP weights are low-rank), and norm parameters
-# (which become 2-D when layers are stacked for scan).
+# paper: only attention and MLP weights are low-rank), and norm parameters and
+# biases (which become 2-D when layers are stacked for scan).
 EXCLUDED_KEYS = frozenset(
-    {"embed", "embedding", "embeddings", "embed_tokens", "wte", "wpe", "lm_head"}
+    {"embed", "embedding", "embeddings", "embed_tokens", "wte", "wpe", "lm_head",
+     "bias"}
 )
 _EXCLUDED_SUBSTRINGS = ("embed", "norm")
 
@@ -41,8 +42,8 @@ def default_lowrank_mask(params: base.Params) -> Any:
 
   A leaf is low-rank when it has at least two axes and no key on its path
   names an embedding, an output head or a norm: no path key is one of
-  ``embed, embedding, embeddings, embed_tokens, wte, wpe, lm_head`` or contains
-  ``embed`` or ``norm`` (case-insensitive). Everything else (embeddings, output
+  ``embed, embedding, embeddings, embed_tokens, wte, wpe, lm_head, bias`` or
+  contains ``embed`` or ``norm`` (case-insensitive). Everything else (embeddings, output
   head, norms, biases, scalars) gets AdamW, as in the official code, which
   projects only attention and MLP weights.
 

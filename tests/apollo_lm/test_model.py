@@ -394,3 +394,278 @@ def test_sharded_model_follows_annotations(small_model, data, fsdp, tensor,
     logits = _forward(sharded, tokens)
   np.testing.assert_allclose(
       logits, _forward(small_model, tokens), atol=3e-2)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint-family features: GQA/MQA, head_dim, tied embeddings, llama3 RoPE,
+# q/k/v biases, packed segments, KV-cache decoding
+# ----------------------------------------------------------------------------
+
+_LLAMA3_SCALING = configs.RopeScaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    original_max_position_embeddings=16)
+
+# Small variants, float32 compute, each checked against a float64 NumPy
+# transcription of the formulas.
+VARIANTS = {
+    "mha": SMALL_F32,
+    "gqa_tied_llama3": dataclasses.replace(
+        SMALL_F32, num_kv_heads=2, tie_embeddings=True,
+        rope_scaling=_LLAMA3_SCALING, rope_theta=500000.0, norm_eps=1e-5),
+    "mqa_bias_head_dim": dataclasses.replace(
+        SMALL_F32, num_kv_heads=1, head_dim=12, qkv_bias=True),
+}
+
+
+def _np_rope_frequencies(head_dim, theta, scaling):
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64)
+                             / head_dim)
+  if scaling is None:
+    return inv_freq
+  context = scaling.original_max_position_embeddings
+  out = []
+  for f in inv_freq:
+    wavelength = 2 * np.pi / f
+    if wavelength < context / scaling.high_freq_factor:
+      out.append(f)
+    elif wavelength > context / scaling.low_freq_factor:
+      out.append(f / scaling.factor)
+    else:
+      s = (context / wavelength - scaling.low_freq_factor) / (
+          scaling.high_freq_factor - scaling.low_freq_factor)
+      out.append((1 - s) * f / scaling.factor + s * f)
+  return np.array(out)
+
+
+def _np_forward(params, config, tokens, segment_ids=None):
+  """Float64 NumPy LLaMA: per-head loops, explicit GQA head sharing."""
+  p = {k: np.asarray(v[...], np.float64) for k, v in params.items()}
+  batch, seq_len = tokens.shape
+  heads, kv_heads, hd = config.num_heads, config.num_kv_heads, config.head_dim
+  if segment_ids is None:
+    segment_ids = np.zeros_like(tokens)
+    positions = np.broadcast_to(np.arange(seq_len), tokens.shape)
+  else:
+    positions = np.zeros_like(tokens)
+    for b in range(batch):
+      for t in range(1, seq_len):
+        same = segment_ids[b, t] == segment_ids[b, t - 1]
+        positions[b, t] = positions[b, t - 1] + 1 if same else 0
+  inv_freq = _np_rope_frequencies(hd, config.rope_theta, config.rope_scaling)
+  angles = positions[..., None] * inv_freq            # [B, T, D/2]
+  cos, sin = np.cos(angles)[:, :, None], np.sin(angles)[:, :, None]
+
+  def rope(x):
+    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+  def norm(x, scale):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + config.norm_eps) * (
+        scale)
+
+  def silu(x):
+    return x / (1 + np.exp(-x))
+
+  x = p["embed/embedding"][tokens]
+  allowed = (np.tril(np.ones((seq_len, seq_len), bool))[None]
+             & (segment_ids[:, :, None] == segment_ids[:, None, :]))
+  for i in range(config.num_layers):
+    layer = lambda name: p[f"layers/{name}"][i]
+    h = norm(x, layer("attn_norm/scale"))
+    proj = {}
+    for name, num in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+      y = h @ layer(f"attn/{name}_proj/kernel")
+      if config.qkv_bias:
+        y = y + layer(f"attn/{name}_proj/bias")
+      proj[name] = y.reshape(batch, seq_len, num, hd)
+    q, k, v = rope(proj["q"]), rope(proj["k"]), proj["v"]
+    out = np.zeros((batch, seq_len, heads, hd))
+    for head in range(heads):
+      kv = head // (heads // kv_heads)  # query head -> its key/value head
+      scores = np.einsum("btd,bsd->bts", q[:, :, head], k[:, :, kv]) / np.sqrt(
+          hd)
+      scores = np.where(allowed, scores, -np.inf)
+      weights = np.exp(scores - scores.max(-1, keepdims=True))
+      weights /= weights.sum(-1, keepdims=True)
+      out[:, :, head] = np.einsum("bts,bsd->btd", weights, v[:, :, kv])
+    x = x + out.reshape(batch, seq_len, -1) @ layer("attn/o_proj/kernel")
+    h = norm(x, layer("mlp_norm/scale"))
+    x = x + (silu(h @ layer("mlp/gate_proj/kernel"))
+             * (h @ layer("mlp/up_proj/kernel"))) @ layer(
+                 "mlp/down_proj/kernel")
+  x = norm(x, p["final_norm/scale"])
+  head = (p["embed/embedding"].T if config.tie_embeddings
+          else p["lm_head/kernel"])
+  return x @ head
+
+
+def _randomized(config, seed=0):
+  """A model whose every parameter (norms, biases too) is random."""
+  model = model_lib.Llama(config, rngs=nnx.Rngs(seed))
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+  leaves = [leaf + 0.1 * jax.random.normal(key, leaf.shape, leaf.dtype)
+            for leaf, key in zip(leaves, keys)]
+  nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  return model
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_float64_reference(variant):
+  config = VARIANTS[variant]
+  model = _randomized(config)
+  tokens = np.asarray(_tokens(2, 24, seed=3))
+  expected = _np_forward(_flat_params(model), config, tokens)
+  np.testing.assert_allclose(_forward(model, jnp.asarray(tokens)), expected,
+                             atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_param_tree(variant):
+  config = VARIANTS[variant]
+  params = _flat_params(model_lib.Llama(config, rngs=nnx.Rngs(0)))
+  d, hd, n = config.hidden_size, config.head_dim, config.num_layers
+  dq, dkv = config.num_heads * hd, config.num_kv_heads * hd
+  assert params["layers/attn/q_proj/kernel"].shape == (n, d, dq)
+  assert params["layers/attn/k_proj/kernel"].shape == (n, d, dkv)
+  assert params["layers/attn/v_proj/kernel"].shape == (n, d, dkv)
+  assert params["layers/attn/o_proj/kernel"].shape == (n, dq, d)
+  assert ("lm_head/kernel" in params) == (not config.tie_embeddings)
+  for name in ("q", "k", "v"):
+    key = f"layers/attn/{name}_proj/bias"
+    assert (key in params) == config.qkv_bias
+    if config.qkv_bias:
+      assert params[key].get_metadata()["out_sharding"] == (None, "tensor")
+      np.testing.assert_array_equal(params[key][...], 0.0)
+  expected = (2 * (not config.tie_embeddings) * 0 + (
+      config.vocab_size * d * (1 if config.tie_embeddings else 2)) + d
+              + n * (2 * d * dq + 2 * d * dkv + 3 * d *
+                     config.intermediate_size + 2 * d
+                     + config.qkv_bias * (dq + 2 * dkv)))
+  assert model_lib.count_params(config) == expected
+
+
+@pytest.mark.parametrize("name, kwargs, published", [
+    # Published sizes of the checkpoints' config.json shapes (model cards):
+    # Llama-3.2-1B, Llama-3.1-8B, Qwen2.5-0.5B.
+    ("llama-3.2-1b", dict(
+        hidden_size=2048, intermediate_size=8192, num_heads=32, num_layers=16,
+        vocab_size=128256, num_kv_heads=8, head_dim=64, tie_embeddings=True),
+     1_235_814_400),
+    ("llama-3.1-8b", dict(
+        hidden_size=4096, intermediate_size=14336, num_heads=32,
+        num_layers=32, vocab_size=128256, num_kv_heads=8),
+     8_030_261_248),
+    ("qwen2.5-0.5b", dict(
+        hidden_size=896, intermediate_size=4864, num_heads=14, num_layers=24,
+        vocab_size=151936, num_kv_heads=2, tie_embeddings=True,
+        qkv_bias=True),
+     494_032_768),
+])
+def test_count_params_published_checkpoints(name, kwargs, published):
+  assert model_lib.count_params(
+      configs.LlamaConfig(name=name, **kwargs)) == published
+
+
+def test_rope_frequencies_llama3_match_reference():
+  # The published Llama-3.1 rule and values, head_dim 128.
+  scaling = configs.RopeScaling(8.0, 1.0, 4.0, 8192)
+  actual = model_lib.rope_frequencies(128, 500000.0, scaling)
+  expected = _np_rope_frequencies(128, 500000.0, scaling)
+  np.testing.assert_allclose(actual, expected, rtol=2e-6)
+  plain = _np_rope_frequencies(128, 500000.0, None)
+  # High frequencies are kept, low ones divided by the factor, and the band
+  # in between is changed too (so all three branches are exercised).
+  assert np.array_equal(expected[:10], plain[:10])
+  np.testing.assert_allclose(expected[-10:], plain[-10:] / 8.0)
+  band = (expected != plain) & ~np.isclose(expected, plain / 8.0)
+  assert band.sum() > 0
+
+
+def test_segment_ids_mask_and_restart_positions():
+  model = _randomized(VARIANTS["gqa_tied_llama3"])
+  tokens = _tokens(2, 12, seed=4)
+  segment_ids = jnp.array([[1] * 5 + [2] * 4 + [3] * 3,
+                           [7] * 12])
+  packed = model(tokens, segment_ids=segment_ids)
+  # Every example on its own gives the same logits as packed.
+  for row, spans in ((0, [(0, 5), (5, 9), (9, 12)]), (1, [(0, 12)])):
+    for start, stop in spans:
+      alone = model(tokens[row:row + 1, start:stop])
+      np.testing.assert_allclose(packed[row, start:stop], alone[0],
+                                 atol=2e-5)
+  expected = _np_forward(_flat_params(model), VARIANTS["gqa_tied_llama3"],
+                         np.asarray(tokens), np.asarray(segment_ids))
+  np.testing.assert_allclose(packed, expected, atol=2e-4, rtol=1e-4)
+  # Without segment ids the later examples see the earlier ones.
+  assert not np.allclose(model(tokens)[0, 5:], packed[0, 5:], atol=1e-3)
+  np.testing.assert_array_equal(
+      model_lib.segment_positions(segment_ids)[0],
+      [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2])
+
+
+def test_explicit_positions_shift_equivariance():
+  """RoPE is relative: shifting every position changes no logit."""
+  model = _randomized(VARIANTS["mha"])
+  tokens = _tokens(1, 10, seed=5)
+  positions = jnp.arange(10)[None] + 37
+  np.testing.assert_allclose(model(tokens, positions=positions),
+                             model(tokens), atol=2e-5)
+  with pytest.raises(ValueError, match="`positions` must have the shape"):
+    model(tokens, positions=positions[:, :5])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decode_with_kv_cache_matches_forward(variant):
+  model = _randomized(VARIANTS[variant])
+  tokens = _tokens(2, 14, seed=6)
+  full = _forward(model, tokens)
+  decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+  cache = model.init_cache(2, 16, jnp.float32)
+  logits, cache = decode(model, tokens[:, :9], cache)
+  steps = [logits]
+  for t in range(9, 14):
+    logits, cache = decode(model, tokens[:, t:t + 1], cache)
+    steps.append(logits)
+  assert int(cache.length) == 14
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5)
+  with pytest.raises(ValueError, match="`max_len` must be in 1..max_seq_len"):
+    model.init_cache(1, SMALL.max_seq_len + 1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_heads=4, num_kv_heads=3), "divisible by `num_kv_heads`=3"),
+    (dict(head_dim=7), "`head_dim` = 7 must be even"),
+    (dict(num_kv_heads=0), "`num_kv_heads` must be None or a positive int"),
+    (dict(max_seq_len=512, sliding_window=256),
+     "sliding-window attention shorter than the sequence is not supported"),
+    (dict(rope_scaling={"rope_type": "llama3"}), "must be None or a RopeScaling"),
+])
+def test_invalid_feature_config_raises(overrides, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    configs.get_config("tiny", **overrides)
+
+
+def test_rope_scaling_type_must_be_supported():
+  with pytest.raises(ValueError, match="unsupported `rope_type` 'yarn'.*llama3"):
+    configs.RopeScaling(4.0, 1.0, 4.0, 8192, rope_type="yarn")
+
+
+def test_head_dim_and_kv_heads_default_to_multi_head():
+  config = configs.get_config("60m")
+  assert (config.num_kv_heads, config.head_dim) == (8, 64)
+  assert config == configs.get_config("60m", num_kv_heads=8, head_dim=64)
+  # A window at least the sequence long changes nothing and is accepted.
+  assert configs.get_config("tiny", sliding_window=256).sliding_window == 256
+
+
+def test_default_lowrank_mask_keeps_biases_on_adam():
+  import apollo_optax  # pylint: disable=g-import-not-at-top
+  params = nnx.to_pure_dict(nnx.state(model_lib.Llama(
+      VARIANTS["mqa_bias_head_dim"], rngs=nnx.Rngs(0)), nnx.Param))
+  mask = {"/".join(k.key for k in path): value for path, value in
+          jax.tree_util.tree_leaves_with_path(
+              apollo_optax.default_lowrank_mask(params))}
+  assert mask["layers/attn/q_proj/kernel"] and mask["layers/mlp/up_proj/kernel"]
+  assert not any(mask[f"layers/attn/{n}_proj/bias"] for n in "qkv")

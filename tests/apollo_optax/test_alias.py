@@ -173,8 +173,8 @@ def test_default_lowrank_mask_rules():
       "lm_head": {"kernel": False},
       "layers": {
           "attn_norm": {"scale": False},
-          # A stacked bias is 2-D: it is a (3, 8) matrix by the default rule.
-          "mlp": {"kernel": True, "bias": True},
+          # A stacked bias is 2-D but still a bias (Qwen2's q/k/v biases).
+          "mlp": {"kernel": True, "bias": False},
       },
       "dense": {"kernel": True, "bias": False},
       "scalar": False,
