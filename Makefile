@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-quality bench-torch clean
+.PHONY: setup test demo bench bench-quality bench-torch accel-env bench-accel clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,3 +50,24 @@ bench-torch: $(STAMP)
 	test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
 	.venv-torch/bin/python -m pip install --quiet torch==2.13.0 apollo-torch==1.0.3 transformers
 	$(PY) -m benchmarks.update_speed --configs 60m --torch-python .venv-torch/bin/python --out-name update_speed_torch
+
+# Issue 15: compile for accelerators that are not here (H100, A100, TPU v5p)
+# and read the compiler's memory figures. Side venv only (never a project or
+# CI dependency): libtpu and the CUDA plugin (no CUDA libraries; kernels are
+# compiled by the machine's CUDA ptxas, which must be on PATH).
+ACCEL_PY := .venv-accel/bin/python
+ACCEL_RUN := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(ACCEL_PY)
+
+.venv-accel/.installed: pyproject.toml
+	test -x $(ACCEL_PY) || $(PYTHON) -m venv .venv-accel
+	$(ACCEL_PY) -m pip install --quiet "jax==0.10.2" "jax[tpu]==0.10.2"
+	$(ACCEL_PY) -m pip install --quiet --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+	$(ACCEL_PY) -m pip install --quiet -e ".[examples]" pytest
+	touch .venv-accel/.installed
+
+accel-env: .venv-accel/.installed
+
+bench-accel: accel-env
+	for t in h100 a100 tpu_v5p; do \
+	  $(ACCEL_RUN) -m benchmarks.qapollo_memory --target $$t --out-name qapollo_memory_$$t || exit 1; \
+	done

@@ -21,6 +21,8 @@ Usage::
 
   python -m benchmarks.qapollo_memory            # 7B, writes results
   python -m benchmarks.qapollo_memory --config 60m --out-name qapollo_memory_60m
+  .venv-accel/bin/python -m benchmarks.qapollo_memory --target h100 \
+      --out-name qapollo_memory_h100   # compiled for an H100 (make accel-env)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from apollo_lm import model as model_lib
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 from benchmarks import common
+from benchmarks import targets
 
 METHODS = ("adamw", "apollo", "apollo_mini", "apollo_mini_layerwise",
            "q_apollo_mini_layerwise")
@@ -82,8 +85,12 @@ def _ordinary_step(graphdef: Any, tx: optax.GradientTransformation):
   return step
 
 
-def measure(config: LlamaConfig, method: str) -> dict[str, Any]:
-  """memory_analysis() of ``method``'s compiled step, and its timings."""
+def measure(config: LlamaConfig, method: str,
+            target: targets.Target = targets.TARGETS["cpu"]) -> dict[str, Any]:
+  """memory_analysis() of ``method``'s compiled step, and its timings.
+
+  Compiled for one device of ``target`` (see :mod:`benchmarks.targets`).
+  """
   abstract = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   tx = _tx(method, config)
@@ -97,29 +104,27 @@ def measure(config: LlamaConfig, method: str) -> dict[str, Any]:
   else:
     opt_state = jax.eval_shape(tx.init, params)
     step = _ordinary_step(nnx.graphdef(abstract), tx)
-  tokens = jax.ShapeDtypeStruct((BATCH, SEQ_LEN + 1), jnp.int32)
+  device = targets.devices(target, 1)
+  params, opt_state, tokens = targets.on_devices(
+      (params, opt_state, jax.ShapeDtypeStruct((BATCH, SEQ_LEN + 1), jnp.int32)),
+      device)
   t0 = time.perf_counter()
-  options = (layerwise.compiler_options() if method.endswith("layerwise")
+  # The layer-wise options are XLA:CPU's (none for other backends).
+  options = (layerwise.compiler_options()
+             if method.endswith("layerwise") and target.platform == "cpu"
              else None)
   lowered = jax.jit(step, donate_argnums=(0, 1),
                     compiler_options=options).lower(params, opt_state, tokens)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  m = compiled.memory_analysis()
-  out = {
+  return {
       "params_bytes": apollo_optax.state_bytes(params),
       "opt_state_bytes": apollo_optax.state_bytes(opt_state),
-      "argument_bytes": int(m.argument_size_in_bytes),
-      "output_bytes": int(m.output_size_in_bytes),
-      "alias_bytes": int(m.alias_size_in_bytes),
-      "temp_bytes": int(m.temp_size_in_bytes),
+      **targets.memory_bytes(compiled),
       "lower_s": round(t1 - t0, 1),
       "compile_s": round(t2 - t1, 1),
   }
-  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"]
-                        - out["alias_bytes"] + out["temp_bytes"])
-  return out
 
 
 def main() -> None:
@@ -128,12 +133,14 @@ def main() -> None:
   parser.add_argument("--methods", nargs="+", default=list(METHODS),
                       choices=METHODS)
   parser.add_argument("--out-name", default="qapollo_memory")
+  targets.add_argument(parser)
   args = parser.parse_args()
+  target = targets.get(args.target)
   config = get_config(args.config, remat=True, dtype=jnp.bfloat16,
                       param_dtype=jnp.bfloat16, max_seq_len=SEQ_LEN)
   results = {}
   for method in args.methods:
-    results[method] = measure(config, method)
+    results[method] = measure(config, method, target)
     print(method, results[method], flush=True)
 
   rows = [[LABELS[k], common.gb(r["params_bytes"]),
@@ -157,8 +164,8 @@ LLaMA-{args.config} (`get_config({args.config!r})`, vocabulary
 {config.vocab_size}), batch {BATCH}, sequence {SEQ_LEN}, remat on, bfloat16
 parameters, activations and optimizer moments; params, optimizer state and
 tokens donated. Bytes from XLA's `memory_analysis()` of the compiled step
-(CPU backend, nothing allocated); GB = 1e9 bytes; total = argument + output -
-alias + temp.
+({target.label}, one device, nothing allocated); GB = 1e9 bytes; total =
+argument + output - alias + temp.
 
 {table}
 
@@ -181,6 +188,7 @@ hash for its dither (with `jax.random` bits: 7.74 GB of temporaries, 16.0 GB).
 """
   common.write_results(args.out_name, {
       "config": args.config, "batch": BATCH, "seq_len": SEQ_LEN,
+      "target": targets.describe(target),
       "group_size": GROUP_SIZE, "dtype": "bfloat16",
       "moments_dtype": "bfloat16", "results": results}, markdown)
 

@@ -10,13 +10,18 @@ full-size buffers. Nothing is allocated on the CPU.
 
 From the totals at two or more batch sizes a line ``total = a + b·batch`` is
 fitted per optimizer and the largest batch with ``total <= 80 GiB`` (the
-paper's A100) is extrapolated. On a GPU backend the step is also run on real
+paper's A100; the target's memory with ``--target``) is extrapolated.
+``--target h100|a100|tpu_v5p`` compiles for that accelerator instead of
+XLA:CPU (:mod:`benchmarks.targets`; side environment from ``make
+accel-env``). On a GPU backend the step is also run on real
 arrays and ``device.memory_stats()["peak_bytes_in_use"]`` is reported.
 
 Usage::
 
   python -m benchmarks.step_memory --configs 1b            # in `make bench`
   python -m benchmarks.step_memory --configs 7b --out-name step_memory_7b
+  .venv-accel/bin/python -m benchmarks.step_memory --configs 7b --target h100 \
+      --out-name step_memory_h100
 """
 
 from __future__ import annotations
@@ -32,24 +37,10 @@ import numpy as np
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 from benchmarks import common
+from benchmarks import targets
 
 STEP_OPTIMIZERS = ("adamw", "apollo", "apollo_mini", "galore")
 SEQ_LEN = 256
-
-
-def _analysis(compiled: Any) -> dict[str, int]:
-  """Byte counts of ``compiled.memory_analysis()``; total = peak estimate."""
-  m = compiled.memory_analysis()
-  out = {
-      "argument_bytes": int(m.argument_size_in_bytes),
-      "output_bytes": int(m.output_size_in_bytes),
-      "alias_bytes": int(m.alias_size_in_bytes),
-      "temp_bytes": int(m.temp_size_in_bytes),
-  }
-  # Donated outputs alias their arguments and are not counted twice.
-  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"]
-                        - out["alias_bytes"] + out["temp_bytes"])
-  return out
 
 
 def _gpu_peak(step: Any, config: LlamaConfig, tx: Any, batch: int) -> int:
@@ -63,32 +54,40 @@ def _gpu_peak(step: Any, config: LlamaConfig, tx: Any, batch: int) -> int:
   return int(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
 
 
-def measure(config: LlamaConfig, name: str,
-            batches: list[int]) -> dict[str, Any]:
-  """Compiled memory of the train step at each batch and of the update."""
+def measure(config: LlamaConfig, name: str, batches: list[int],
+            target: targets.Target = targets.TARGETS["cpu"]) -> dict[str, Any]:
+  """Compiled memory of the train step at each batch and of the update.
+
+  Compiled for one device of ``target`` (see :mod:`benchmarks.targets`).
+  """
   tx = common.make_tx(name, config)
-  params = common.abstract_params(config)
-  opt_state = jax.eval_shape(tx.init, params)
+  device = targets.devices(target, 1)
+  params = targets.on_devices(common.abstract_params(config), device)
+  opt_state = targets.on_devices(jax.eval_shape(tx.init, params), device)
+  capacity = target.memory_bytes or common.GPU_MEMORY_BYTES
   step = jax.jit(common.make_train_step(config, tx), donate_argnums=(0, 1))
   result: dict[str, Any] = {"by_batch": {}}
   for batch in batches:
     t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state,
-                          common.token_spec(batch, SEQ_LEN)).compile()
-    entry = _analysis(compiled)
+    compiled = step.lower(
+        params, opt_state,
+        targets.on_devices(common.token_spec(batch, SEQ_LEN), device)
+    ).compile()
+    entry = targets.memory_bytes(compiled)
     entry["compile_s"] = time.perf_counter() - t0
-    if jax.default_backend() == "gpu":
+    if jax.default_backend() == "gpu" and target.name == "cpu":
       entry["gpu_peak_bytes"] = _gpu_peak(step, config, tx, batch)
     result["by_batch"][str(batch)] = entry
   update = jax.jit(common.make_update_step(tx), donate_argnums=(0, 1))
-  result["update_only"] = _analysis(
+  result["update_only"] = targets.memory_bytes(
       update.lower(params, opt_state, params).compile())
   totals = [result["by_batch"][str(b)]["total_bytes"] for b in batches]
   slope, intercept = np.polyfit(np.array(batches, float),
                                 np.array(totals, float), 1)
   result["fit"] = {
       "intercept_bytes": float(intercept), "bytes_per_sample": float(slope),
-      "max_batch_80gib": int((common.GPU_MEMORY_BYTES - intercept) // slope),
+      "capacity_bytes": capacity,
+      "max_batch_80gib": int((capacity - intercept) // slope),
   }
   return result
 
@@ -96,7 +95,7 @@ def measure(config: LlamaConfig, name: str,
 def _max_batch_text(result: dict[str, Any]) -> str:
   """The extrapolated largest batch, or why there is none."""
   smallest = min(result["by_batch"].values(), key=lambda e: e["total_bytes"])
-  if smallest["total_bytes"] > common.GPU_MEMORY_BYTES:
+  if smallest["total_bytes"] > result["fit"]["capacity_bytes"]:
     return "does not fit at any batch"
   if result["fit"]["bytes_per_sample"] < 1e6:
     return "unbounded by the fit (< 1 MB per sample)"
@@ -106,6 +105,9 @@ def _max_batch_text(result: dict[str, Any]) -> str:
 def report(results: dict[str, Any]) -> str:
   """Markdown tables of ``results``."""
   parts = []
+  label = results.get("target", {}).get("label", "XLA:CPU")
+  capacity = results.get("target", {}).get("memory_bytes") or common.GPU_MEMORY_BYTES
+  cap = f"{capacity / common.GIB:.4g} GiB"
   for cfg, by_opt in results["configs"].items():
     rows, upd_rows, fit_rows = [], [], []
     for name, r in by_opt.items():
@@ -123,8 +125,8 @@ def report(results: dict[str, Any]) -> str:
                        f"{r['fit']['bytes_per_sample'] / 1e6:.1f}",
                        _max_batch_text(r)])
     parts.append(
-        f"## {cfg}: whole train step (seq {SEQ_LEN}, bf16 compute, f32 "
-        "weights, remat, params+state donated)\n\n"
+        f"## {cfg}: whole train step ({label}, one device; seq {SEQ_LEN}, "
+        "bf16 compute, f32 weights, remat, params+state donated)\n\n"
         "total = argument + output − alias + temp (GB = 1e9 bytes).\n\n"
         + common.markdown_table(
             ["optimizer", "batch", "argument", "output", "alias", "temp",
@@ -134,15 +136,15 @@ def report(results: dict[str, Any]) -> str:
         + common.markdown_table(
             ["optimizer", "argument GB", "output GB", "alias GB", "temp MB",
              "total GB"], upd_rows)
-        + f"\n\n### {cfg}: largest batch in 80 GiB (linear fit of total "
-        f"over batches {results['batches']}, extrapolated; XLA:CPU buffer "
-        "assignment, a GPU's differs)\n\n"
+        + f"\n\n### {cfg}: largest batch in {cap} (linear fit of total "
+        f"over batches {results['batches']}, extrapolated; {label} buffer "
+        "assignment)\n\n"
         "With remat only each layer's bf16 input is kept for the backward "
         "pass, so a sample of 256 tokens adds little and the extrapolation "
         "reaches far beyond the two compiled batches (a slope near 0 is "
         "buffer-assignment noise, not a real bound).\n\n"
         + common.markdown_table(
-            ["optimizer", "fixed GB", "MB per sample", "max batch (80 GiB)"],
+            ["optimizer", "fixed GB", "MB per sample", f"max batch ({cap})"],
             fit_rows))
   return "\n\n".join(parts)
 
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--optimizers", nargs="+", default=list(STEP_OPTIMIZERS))
   parser.add_argument("--out-dir", default=str(common.RESULTS_DIR))
   parser.add_argument("--out-name", default="step_memory")
+  targets.add_argument(parser)
   parser.add_argument("--smoke", action="store_true",
                       help="smoke config, AdamW and APOLLO-Mini, batches 1 and"
                       " 2 (for tests)")
@@ -164,11 +167,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.smoke:
     configs = {"smoke": common.smoke_config(remat=True)}
     batches, args.optimizers = [1, 2], ["adamw", "apollo_mini"]
+  target = targets.get(args.target)
   results: dict[str, Any] = {"seq_len": SEQ_LEN, "batches": batches,
-                             "configs": {}}
+                             "target": targets.describe(target), "configs": {}}
   for cfg, config in configs.items():
     results["configs"][cfg] = {
-        name: measure(config, name, batches) for name in args.optimizers}
+        name: measure(config, name, batches, target)
+        for name in args.optimizers}
   common.write_results(args.out_name, results, report(results), args.out_dir)
   return results
 

@@ -1,0 +1,191 @@
+"""Tests of benchmarks/targets.py: batch search, target configs, CPU path.
+
+The accelerator compiles need the side environment (``make accel-env``:
+libtpu, the CUDA plugin); without it (as in CI) those tests are skipped.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import apollo_optax
+from apollo_lm.configs import get_config
+from benchmarks import common
+from benchmarks import qapollo_memory
+from benchmarks import targets
+
+
+# ------------------------------------------------------------ batch search --
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 2, 3, 7, 8, 13, 24, 100, 255, 256])
+@pytest.mark.parametrize("start", [1, 4])
+def test_largest_fitting_finds_threshold(threshold, start):
+  calls = []
+
+  def fits(n):
+    calls.append(n)
+    return n <= threshold
+
+  found, tried = targets.largest_fitting(fits, start=start, limit=256)
+  expected = threshold if threshold >= start else 0
+  assert found == expected
+  assert tried == {n: n <= threshold for n in calls}
+  assert len(calls) == len(set(calls))  # no value compiled twice
+  # Doubling then bisection: O(log2(limit)) evaluations.
+  assert len(calls) <= 2 * math.ceil(math.log2(256)) + 1
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 5, 9, 10, 11, 12, 40, 200])
+@pytest.mark.parametrize("guess", [1, 10, 11, 300])
+def test_largest_fitting_from_a_guess(threshold, guess):
+  calls = []
+
+  def fits(n):
+    calls.append(n)
+    return n <= threshold
+
+  found, tried = targets.largest_fitting(fits, start=1, limit=256, guess=guess)
+  assert found == min(threshold, 256)
+  assert tried == {n: n <= threshold for n in calls}
+  assert len(calls) == len(set(calls))
+  if threshold == guess:  # An exact guess costs two evaluations.
+    assert sorted(calls) == [guess, guess + 1]
+
+
+def test_largest_fitting_stops_at_limit():
+  found, tried = targets.largest_fitting(lambda n: True, start=3, limit=20)
+  assert found == 20
+  assert max(tried) == 20
+
+
+@pytest.mark.parametrize("start,limit", [(0, 10), (5, 4)])
+def test_largest_fitting_rejects_bad_range(start, limit):
+  with pytest.raises(ValueError, match="start, limit"):
+    targets.largest_fitting(lambda n: True, start=start, limit=limit)
+
+
+# ----------------------------------------------------------------- targets --
+
+
+def test_unknown_target_names_the_allowed_values():
+  with pytest.raises(ValueError, match="h100.*a100.*tpu_v5p"):
+    targets.get("v100")
+
+
+@pytest.mark.parametrize("name,memory,bandwidth", [
+    ("h100", 80 * 2**30, 3.35e12),
+    ("a100", 80 * 2**30, 2.039e12),
+])
+def test_gpu_target_figures_come_from_the_config_file(name, memory, bandwidth):
+  target = targets.get(name)
+  text = (targets.GPU_TARGETS_DIR / target.gpu_config).read_text()
+  fields = targets.gpu_config_fields(text)
+  assert fields["device_memory_size"] == target.memory_bytes == memory
+  assert fields["memory_bandwidth"] == target.hbm_bytes_per_s == bandwidth
+  assert 'platform_name: "CUDA"' in text
+  assert target.device_kind in text
+
+
+def test_gpu_config_fields_ignores_comments_and_nesting():
+  text = """gpu_device_info {
+  core_count: 108  # SMs
+  # memory_bandwidth: 1
+  cuda_compute_capability {
+    major: 8
+  }
+}"""
+  assert targets.gpu_config_fields(text) == {"core_count": 108.0, "major": 8.0}
+
+
+def test_cpu_devices_and_bad_count():
+  assert [d.platform for d in targets.devices("cpu", 8)] == ["cpu"] * 8
+  with pytest.raises(ValueError, match="count"):
+    targets.devices("cpu", 9)
+
+
+def test_compile_memory_turns_resource_exhausted_into_a_result():
+
+  class Lowered:
+
+    def compile(self):
+      raise RuntimeError(
+          "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used "
+          "101.50G of 95.74G hbm. Exceeded hbm capacity by 5.76G.")
+
+  out = targets.compile_memory(Lowered)
+  assert out["oom"] is True
+  assert out["total_bytes"] == int(101.50 * 2**30)
+
+  class Broken:
+
+    def compile(self):
+      raise RuntimeError("INVALID_ARGUMENT: something else")
+
+  with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+    targets.compile_memory(Broken)
+
+
+# ---------------------------------------------------------------- CPU path --
+
+
+def _matmul_memory(target_name: str) -> dict:
+  devices = targets.devices(target_name, 2)
+  a = targets.on_devices(jax.ShapeDtypeStruct((512, 256), jnp.bfloat16),
+                         devices, jax.sharding.PartitionSpec("data"))
+  b = targets.on_devices(jax.ShapeDtypeStruct((256, 384), jnp.bfloat16),
+                         devices)
+  return targets.compile_memory(
+      lambda: jax.jit(lambda a, b: a @ b).lower(a, b))
+
+
+def test_cpu_compile_memory_is_per_device():
+  out = _matmul_memory("cpu")
+  assert out["oom"] is False
+  # Per device: half of a (row-sharded), all of b, half of the output.
+  assert out["argument_bytes"] == (256 * 256 + 256 * 384) * 2
+  assert out["output_bytes"] == 256 * 384 * 2
+  assert out["total_bytes"] == (out["argument_bytes"] + out["output_bytes"]
+                                - out["alias_bytes"] + out["temp_bytes"])
+
+
+def test_qapollo_memory_cpu_target():
+  config = get_config("tiny", vocab_size=512, num_layers=1, remat=True,
+                      dtype=jnp.bfloat16,
+                      param_dtype=jnp.bfloat16, max_seq_len=256)
+  out = qapollo_memory.measure(config, "apollo_mini_layerwise",
+                               targets.get("cpu"))
+  assert out["argument_bytes"] == (out["params_bytes"] + out["opt_state_bytes"]
+                                   + (1 * (256 + 1)) * 4)
+  assert 0 < out["total_bytes"] < 3 * out["argument_bytes"] + out["temp_bytes"]
+
+
+# ---------------------------------------------- accelerators (side env only) --
+
+
+@pytest.mark.parametrize("name,module", [("h100", "jax_cuda12_plugin"),
+                                         ("a100", "jax_cuda12_plugin"),
+                                         ("tpu_v5p", "libtpu")])
+def test_accelerator_compile(name, module):
+  pytest.importorskip(module)
+  target = targets.get(name)
+  assert targets.missing_runtime(target) is None
+  out = _matmul_memory(name)
+  assert out["oom"] is False
+  assert out["argument_bytes"] == (256 * 256 + 256 * 384) * 2
+  assert out["output_bytes"] == 256 * 384 * 2
+  devices = targets.devices(name, 8)
+  assert len({d.id for d in devices}) == 8
+  assert np.all([d.device_kind == target.device_kind for d in devices])
+
+
+def test_missing_runtime_explains_how_to_get_it():
+  for name in ("h100", "tpu_v5p"):
+    reason = targets.missing_runtime(targets.get(name))
+    if reason is not None:
+      assert "make accel-env" in reason
+      with pytest.raises(RuntimeError, match="accel-env"):
+        targets.devices(name, 1)
