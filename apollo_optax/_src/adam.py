@@ -16,8 +16,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from optax._src import base
-from optax._src import numerics
+import optax
 
 from apollo_optax._src import sharding as shd
 from apollo_optax._src import utils
@@ -26,8 +25,8 @@ from apollo_optax._src import utils
 class ScaleByAdamMomentsState(NamedTuple):
   """First and second moments of the gradient, not bias-corrected."""
 
-  mu: base.Updates
-  nu: base.Updates
+  mu: optax.Updates
+  nu: optax.Updates
 
 
 def scale_by_adam_moments(
@@ -35,7 +34,7 @@ def scale_by_adam_moments(
     b2: float = 0.999,
     eps: float = 1e-6,
     mu_dtype: Optional[Any] = None,
-) -> base.GradientTransformation:
+) -> optax.GradientTransformation:
   r"""Adam's direction without bias correction: :math:`m / (\sqrt v + \epsilon)`.
 
   :math:`m \leftarrow b_1 m + (1-b_1) g`, :math:`v \leftarrow b_2 v + (1-b_2)
@@ -91,7 +90,7 @@ def scale_by_adam_moments(
     unzip = lambda i: treedef.unflatten([r[i] for r in results])
     return unzip(0), ScaleByAdamMomentsState(mu=unzip(1), nu=unzip(2))
 
-  return base.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 class ScaleByAdamBiasCorrectionState(NamedTuple):
@@ -102,7 +101,7 @@ class ScaleByAdamBiasCorrectionState(NamedTuple):
 
 def scale_by_adam_bias_correction(
     b1: float = 0.9, b2: float = 0.999
-) -> base.GradientTransformation:
+) -> optax.GradientTransformation:
   r"""Multiplies every update by :math:`\sqrt{1 - b_2^t} / (1 - b_1^t)`.
 
   t = 1 on the first update. This is Adam's bias correction folded into the
@@ -124,7 +123,7 @@ def scale_by_adam_bias_correction(
 
   def update_fn(updates, state, params=None):
     del params
-    count = numerics.safe_increment(state.count)
+    count = optax.safe_increment(state.count)
 
     def correct(u):
       cdt = utils.compute_dtype(u.dtype)
@@ -136,4 +135,4 @@ def scale_by_adam_bias_correction(
 
     return jax.tree.map(correct, updates), ScaleByAdamBiasCorrectionState(count)
 
-  return base.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)

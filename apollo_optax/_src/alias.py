@@ -8,7 +8,6 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import base
 
 from apollo_optax._src import adam
 from apollo_optax._src import dimension_numbers as dn
@@ -26,7 +25,7 @@ EXCLUDED_KEYS = frozenset(
 )
 _EXCLUDED_SUBSTRINGS = ("embed", "norm")
 
-MaskOrFn = Union[Any, Callable[[base.Params], Any]]
+MaskOrFn = Union[Any, Callable[[optax.Params], Any]]
 
 
 def _is_excluded(path: tuple[Any, ...]) -> bool:
@@ -37,7 +36,7 @@ def _is_excluded(path: tuple[Any, ...]) -> bool:
   return False
 
 
-def default_lowrank_mask(params: base.Params) -> Any:
+def default_lowrank_mask(params: optax.Params) -> Any:
   """Which leaves APOLLO treats as low-rank matrices by default.
 
   A leaf is low-rank when it has at least two axes and no key on its path
@@ -65,7 +64,7 @@ def default_lowrank_mask(params: base.Params) -> Any:
   )
 
 
-def _resolve_mask(mask: MaskOrFn, params: base.Params) -> Any:
+def _resolve_mask(mask: MaskOrFn, params: optax.Params) -> Any:
   if mask is None:
     return default_lowrank_mask(params)
   if callable(mask):
@@ -74,7 +73,7 @@ def _resolve_mask(mask: MaskOrFn, params: base.Params) -> Any:
 
 
 def apollo(
-    learning_rate: base.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     rank: int = 256,
     *,
     scale_type: str = "channel",
@@ -92,7 +91,7 @@ def apollo(
     seed: int = 0,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     mu_dtype: Optional[Any] = None,
-) -> base.GradientTransformation:
+) -> optax.GradientTransformation:
   r"""APOLLO: SGD-like memory, AdamW-level performance (Zhu et al., 2025).
 
   Matrix leaves (``lowrank_mask``) get APOLLO, all others AdamW:
@@ -187,7 +186,7 @@ def apollo(
   sqrt_scale = (
       math.sqrt(scale) if utils.concrete_float(scale) is not None else jnp.sqrt(scale)
   )
-  matrix_transform = sba.scale_by_apollo_limited(
+  matrix_transform = sba.fused_apollo_matrix_chain(
       rank,
       sqrt_scale=sqrt_scale,
       scale_front=scale_front,
@@ -218,7 +217,7 @@ def apollo(
 
 
 def apollo_mini(
-    learning_rate: base.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule,
     *,
     scale: float = 128.0,
     scale_front: bool = True,
@@ -234,7 +233,7 @@ def apollo_mini(
     seed: int = 0,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     mu_dtype: Optional[Any] = None,
-) -> base.GradientTransformation:
+) -> optax.GradientTransformation:
   """APOLLO-Mini: rank 1, one scaling factor per matrix, √128 step.
 
   :func:`apollo` with ``rank=1`` and ``scale_type="tensor"``; its optimizer

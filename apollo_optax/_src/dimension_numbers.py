@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-from optax.transforms import _masking
-
-MaskedNode = _masking.MaskedNode
 
 
 class ApolloDimensionNumbers(NamedTuple):
@@ -58,10 +56,24 @@ def is_dimension_numbers(x: Any) -> bool:
   )
 
 
-def _as_axes(axes: Union[int, Sequence[int]]) -> tuple[int, ...]:
-  if isinstance(axes, int):
-    return (axes,)
-  return tuple(axes)
+def _is_axis(a: Any) -> bool:
+  return isinstance(a, numbers.Integral) and not isinstance(a, bool)
+
+
+def _as_axes(axes: Any, name: str, where: str = "") -> tuple[int, ...]:
+  """``axes`` (an int or a sequence of ints) as a tuple of ints.
+
+  Raises:
+    TypeError: naming ``name`` when ``axes`` is neither.
+  """
+  if _is_axis(axes):
+    return (int(axes),)
+  if isinstance(axes, (tuple, list)) and all(_is_axis(a) for a in axes):
+    return tuple(int(a) for a in axes)
+  raise TypeError(
+      f"`{name}` must be an int axis or a tuple of int axes, got"
+      f" {axes!r}{where}."
+  )
 
 
 def check_dimension_numbers(dims: Any, argument: str) -> None:
@@ -70,14 +82,13 @@ def check_dimension_numbers(dims: Any, argument: str) -> None:
     return
   if not is_dimension_numbers(dims):
     return  # A pytree of dimension numbers: checked per leaf at init.
-  reduction, output = _as_axes(dims.reduction_axis), _as_axes(dims.output_axis)
+  reduction = _as_axes(dims.reduction_axis, f"{argument}.reduction_axis")
+  output = _as_axes(dims.output_axis, f"{argument}.output_axis")
   for name, axes in (("reduction_axis", reduction), ("output_axis", output)):
     if not axes:
       raise ValueError(
           f"`{argument}.{name}` must name at least one axis, got {axes}."
       )
-    if not all(isinstance(a, int) for a in axes):
-      raise TypeError(f"`{argument}.{name}` must be ints, got {axes}.")
   if len(set(reduction + output)) != len(reduction + output):
     if all(a >= 0 for a in reduction + output) or all(
         a < 0 for a in reduction + output
@@ -160,7 +171,9 @@ class MatrixLayout:
       )
     axes = {}
     for name in ("reduction_axis", "output_axis"):
-      raw = _as_axes(getattr(dims, name))
+      raw = _as_axes(
+          getattr(dims, name), f"weight_dimension_numbers.{name}", where
+      )
       if not raw:
         raise ValueError(
             f"`weight_dimension_numbers.{name}` is empty{where}; it must name"

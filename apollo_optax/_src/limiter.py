@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from optax._src import base
+import optax
 
 from apollo_optax._src import dimension_numbers as dn
 from apollo_optax._src import sharding as shd
@@ -25,7 +25,7 @@ class NormGrowthLimiterState(NamedTuple):
       vector); 0 until the first non-zero update.
   """
 
-  previous_norm: base.Updates
+  previous_norm: optax.Updates
 
 
 def growth_limit(
@@ -54,7 +54,7 @@ def norm_growth_limiter(
     gamma: float = 1.01,
     *,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
-) -> base.GradientTransformation:
+) -> optax.GradientTransformation:
   r"""Limits how fast the norm of each update may grow (Fira, Chen et al. 2024).
 
   For each matrix U of each leaf, with :math:`p` the norm remembered from the
@@ -144,4 +144,4 @@ def norm_growth_limiter(
         previous_norm=treedef.unflatten(new_norms)
     )
 
-  return base.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)

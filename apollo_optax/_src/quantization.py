@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from optax._src import base
+import optax
 
 from apollo_optax._src import alias
 from apollo_optax._src import projection as proj
@@ -169,12 +169,12 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
 
 
 def quantize_params(
-    params: base.Params,
+    params: optax.Params,
     group_size: int = 128,
     *,
     mask: Any = None,
     scale_dtype: Any = jnp.float32,
-) -> base.Params:
+) -> optax.Params:
   """Replaces the masked matrices of ``params`` by :class:`QuantizedArray`.
 
   Args:
@@ -200,7 +200,7 @@ def quantize_params(
   )
 
 
-def dequantize_params(params: base.Params, dtype: Any = None) -> base.Params:
+def dequantize_params(params: optax.Params, dtype: Any = None) -> optax.Params:
   """Dequantizes every :class:`QuantizedArray` leaf of ``params``."""
   return jax.tree.map(
       lambda x: dequantize(x, dtype) if is_quantized(x) else x,
@@ -210,8 +210,8 @@ def dequantize_params(params: base.Params, dtype: Any = None) -> base.Params:
 
 
 def apply_quantized_updates(
-    params: base.Params, updates: base.Updates
-) -> base.Params:
+    params: optax.Params, updates: optax.Updates
+) -> optax.Params:
   """``optax.apply_updates`` for trees with quantized leaves.
 
   A :class:`QuantizedArray` leaf is replaced by its
@@ -246,7 +246,7 @@ class QuantizedWeightsState(NamedTuple):
   """
 
   key: jax.Array
-  inner_state: base.OptState
+  inner_state: optax.OptState
 
 
 def _fmix32(x: jax.Array) -> jax.Array:
@@ -298,11 +298,11 @@ def _rounding_noise(
 
 
 def quantized_weights(
-    inner: base.GradientTransformation,
+    inner: optax.GradientTransformation,
     *,
     key: jax.Array,
     stochastic_round: bool = True,
-) -> base.GradientTransformationExtraArgs:
+) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` on dequantized weights and re-quantizes the result.
 
   For every :class:`QuantizedArray` leaf :math:`Q` (with its group size and
@@ -345,7 +345,7 @@ def quantized_weights(
   Returns:
     A ``GradientTransformationExtraArgs``.
   """
-  inner = base.with_extra_args_support(inner)
+  inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     # A fresh buffer: states may be donated, and several states (e.g. one per
@@ -386,5 +386,5 @@ def quantized_weights(
     )
     return new_updates, QuantizedWeightsState(new_key, inner_state)
 
-  return base.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,14 +1,27 @@
-"""APOLLO's gradient scaling: low-rank moments estimate a channel-wise scale."""
+"""APOLLO's gradient scaling: low-rank moments estimate a channel-wise scale.
+
+This module owns:
+
+- :class:`ApolloSettings`, the validated static settings of the
+  transformation;
+- :func:`matrix_leaves`, which views each leaf as a batch of (m, n) matrices;
+- :func:`apollo_leaf_step`, APOLLO's computation for one leaf (projection,
+  low-rank moments, scaling factor), a pure function returning
+  :class:`ApolloLeafStep`;
+- :func:`scale_by_apollo`, the transformation built from them;
+- :func:`apollo_matrix_chain` (``scale_by_apollo``, √scale and the norm-growth
+  limiter, as an ``optax.chain``) and :func:`fused_apollo_matrix_chain`, which
+  computes the same in one pass over each gradient and keeps the chain's own
+  state, whose parts it finds by type.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import base
-from optax._src import numerics
 
 from apollo_optax._src import dimension_numbers as dn
 from apollo_optax._src import limiter
@@ -36,13 +49,112 @@ class ScaleByApolloState(NamedTuple):
   """
 
   count: jax.Array
-  mu: base.Updates
-  nu: base.Updates
-  projection: Optional[base.Updates]
+  mu: optax.Updates
+  nu: optax.Updates
+  projection: Optional[optax.Updates]
 
 
-def _channel_norm(x: jax.Array, axis: Union[int, tuple[int, ...]]) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+class ApolloSettings(NamedTuple):
+  """The static settings of :func:`scale_by_apollo`, validated by :meth:`create`.
+
+  Attributes:
+    rank: projection rank r (clamped to min(m, n) per matrix).
+    scale_type: "channel" or "tensor".
+    update_proj_gap: steps between projection refreshes.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to √V.
+    projection: "gaussian", "svd" or a callable ``(key, shape, dtype)``.
+    seed: seed of the projections.
+    mu_dtype: dtype of the moments, or None for the leaf's compute dtype.
+  """
+
+  rank: int
+  scale_type: str
+  update_proj_gap: int
+  b1: Any
+  b2: Any
+  eps: Any
+  projection: Union[str, proj.ProjectionFn]
+  seed: Any
+  mu_dtype: Optional[jnp.dtype]
+
+  @classmethod
+  def create(
+      cls,
+      rank: int = 256,
+      *,
+      scale_type: str = "channel",
+      update_proj_gap: int = 200,
+      b1: float = 0.9,
+      b2: float = 0.999,
+      eps: float = 1e-6,
+      projection: Union[str, proj.ProjectionFn] = "gaussian",
+      seed: int = 0,
+      mu_dtype: Optional[Any] = None,
+  ) -> "ApolloSettings":
+    """Checks every argument; raises an error naming the bad one."""
+    rank = utils.check_static_int("rank", rank, 1)
+    update_proj_gap = utils.check_static_int(
+        "update_proj_gap", update_proj_gap, 1
+    )
+    utils.check_choice("scale_type", scale_type, SCALE_TYPES)
+    if not callable(projection):
+      utils.check_choice("projection", projection, PROJECTIONS + ("<callable>",))
+    utils.check_real("b1", b1, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    utils.check_real("b2", b2, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    utils.check_real("eps", eps, lambda v: v >= 0.0, ">= 0")
+    mu_dtype = utils.canonicalize_dtype(mu_dtype, "mu_dtype")
+    return cls(rank, scale_type, update_proj_gap, b1, b2, eps, projection,
+               seed, mu_dtype)
+
+  @property
+  def stores_projection(self) -> bool:
+    """Whether the projection is kept in the state (SVD) or regenerated."""
+    return isinstance(self.projection, str) and self.projection == "svd"
+
+  def state_dtype(self, leaf: Any) -> jnp.dtype:
+    """dtype of the moments of ``leaf``."""
+    if self.mu_dtype is not None:
+      return self.mu_dtype
+    return utils.compute_dtype(leaf.dtype)
+
+
+class MatrixLeaf(NamedTuple):
+  """One leaf seen as a batch of matrices: its path, array and layout."""
+
+  path: str
+  value: Any
+  layout: dn.MatrixLayout
+
+
+def matrix_leaves(
+    tree: Any, weight_dimension_numbers: dn.DimensionNumbersOrFn
+) -> tuple[list[MatrixLeaf], Any]:
+  """The leaves of ``tree`` as :class:`MatrixLeaf`, and the tree's treedef.
+
+  Raises:
+    ValueError: a leaf has no dimension numbers (a vector or scalar).
+  """
+  dims = dn.resolve_dimension_numbers(weight_dimension_numbers, tree)
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  leaves = []
+  for (key_path, leaf), leaf_dims in zip(
+      path_leaves, treedef.flatten_up_to(dims)
+  ):
+    path = utils.path_str(key_path)
+    if leaf_dims is None:
+      raise ValueError(
+          f"scale_by_apollo got the leaf {path!r} of shape"
+          f" {tuple(leaf.shape)}, which has no weight_dimension_numbers"
+          " (vectors and scalars cannot be projected). Route it to Adam,"
+          " e.g. with apollo_optax.apollo's `lowrank_mask` or"
+          " optax.partition."
+      )
+    leaves.append(
+        MatrixLeaf(path, leaf, dn.MatrixLayout.create(leaf.shape, leaf_dims, path))
+    )
+  return leaves, treedef
 
 
 def apollo_scaling_factor(
@@ -71,6 +183,194 @@ def apollo_scaling_factor(
   return _channel_norm(normalized, axis) / (_channel_norm(r, axis) + _NORM_EPS)
 
 
+def _channel_norm(x: jax.Array, axis: Union[int, tuple[int, ...]]) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+
+
+class ApolloLeafStep(NamedTuple):
+  """What :func:`apollo_leaf_step` computes for one leaf.
+
+  Attributes:
+    gradient: the leaf's gradient in canonical form (batch, m, n), its dtype.
+    factor: the scaling factor s, broadcastable to ``gradient`` (float32 or
+      wider); the update is ``gradient * factor``.
+    mu: the new first moments, in the stored layout and dtype.
+    nu: the new second moments, likewise.
+    projection: the projection used, (batch, r, d), when it is stored (SVD);
+      None otherwise.
+  """
+
+  gradient: jax.Array
+  factor: jax.Array
+  mu: jax.Array
+  nu: jax.Array
+  projection: Optional[jax.Array]
+
+
+def apollo_leaf_step(
+    settings: ApolloSettings,
+    leaf: MatrixLeaf,
+    mu: jax.Array,
+    nu: jax.Array,
+    stored_projection: Optional[jax.Array],
+    count: jax.Array,
+    matrix_index_offset: Any = 0,
+) -> ApolloLeafStep:
+  """APOLLO for one gradient leaf: projection, moments and scaling factor.
+
+  Args:
+    settings: the transformation's settings.
+    leaf: the gradient leaf with its path and layout.
+    mu: its first moments (stored layout).
+    nu: its second moments.
+    stored_projection: its stored projection (SVD only), else None.
+    count: the number of updates taken so far.
+    matrix_index_offset: index of the leaf's first matrix in the full leaf
+      (see :func:`scale_by_apollo`).
+
+  Returns:
+    An :class:`ApolloLeafStep`.
+  """
+  layout = leaf.layout
+  compute_dtype = utils.compute_dtype(leaf.value.dtype)
+  r = layout.effective_rank(settings.rank)
+  gradient = layout.to_canonical(leaf.value)
+  if settings.stores_projection:
+    p = jax.lax.cond(
+        count % settings.update_proj_gap == 0,
+        lambda: proj.svd_projection(
+            gradient.astype(compute_dtype), r, layout.tall
+        ),
+        lambda: stored_projection,
+    )
+  else:
+    projection_fn = (
+        proj.gaussian_projection
+        if settings.projection == "gaussian"
+        else settings.projection
+    )
+    keys = proj.projection_keys(
+        settings.seed, leaf.path, count // settings.update_proj_gap,
+        layout.num_matrices, matrix_index_offset,
+    )
+    p = jax.vmap(
+        lambda k: projection_fn(k, (r, layout.projected_dim), compute_dtype)
+    )(keys).astype(compute_dtype)
+  g = gradient.astype(compute_dtype)
+  m = layout.lowrank_to_canonical(mu).astype(compute_dtype)
+  v = layout.lowrank_to_canonical(nu).astype(compute_dtype)
+  # With sharding in types, R keeps G's sharding on the kept axis: a sharded
+  # contracted axis of G is reduced into R, G is never moved. R then takes
+  # the moments' sharding (a local slice when they are sharded further).
+  out = shd.lowrank_sharding(gradient, rank_axis=2 if layout.tall else 1)
+  if layout.tall:
+    projected = jnp.einsum("bmn,brn->bmr", g, p, out_sharding=out)
+  else:
+    projected = jnp.einsum("brm,bmn->brn", p, g, out_sharding=out)
+  if out is not None:
+    projected = jax.sharding.reshard(projected, shd.explicit_sharding(m))
+  m = settings.b1 * m + (1.0 - settings.b1) * projected
+  v = settings.b2 * v + (1.0 - settings.b2) * jnp.square(projected)
+  normalized = m / (jnp.sqrt(v) + settings.eps)
+  factor = apollo_scaling_factor(
+      projected, normalized, tall=layout.tall, scale_type=settings.scale_type
+  )
+  # The moments may be sharded where G is not: gather the (small) factors.
+  target = shd.broadcast_sharding(factor, gradient)
+  if target is not None:
+    factor = jax.sharding.reshard(factor, target)
+  return ApolloLeafStep(
+      gradient=gradient,
+      factor=factor,
+      mu=layout.lowrank_from_canonical(m).astype(mu.dtype),
+      nu=layout.lowrank_from_canonical(v).astype(nu.dtype),
+      projection=p if settings.stores_projection else None,
+  )
+
+
+def init_apollo_state(
+    settings: ApolloSettings,
+    params: Any,
+    weight_dimension_numbers: dn.DimensionNumbersOrFn,
+) -> ScaleByApolloState:
+  """Zero moments (and stored projections) for the matrix leaves of ``params``."""
+  leaves, treedef = matrix_leaves(params, weight_dimension_numbers)
+  # Sharded like the parameter along its kept and batch axes (see sharding).
+  derivations = [shd.lowrank_derivation(leaf.layout) for leaf in leaves]
+  moments = [
+      shd.zeros(
+          leaf.value,
+          leaf.layout.lowrank_shape(settings.rank),
+          settings.state_dtype(leaf.value),
+          derivation,
+      )
+      for leaf, derivation in zip(leaves, derivations)
+  ]
+  mu = shd.relabel_variables(treedef.unflatten(moments), derivations)
+  nu = shd.relabel_variables(
+      treedef.unflatten([jnp.zeros_like(m) for m in moments]), derivations
+  )
+  stored = None
+  if settings.stores_projection:
+    stored = shd.relabel_variables(treedef.unflatten([
+        jnp.zeros(
+            (
+                leaf.layout.num_matrices,
+                leaf.layout.effective_rank(settings.rank),
+                leaf.layout.projected_dim,
+            ),
+            utils.compute_dtype(leaf.value.dtype),
+        )
+        for leaf in leaves
+    ]), [shd.Derivation((None, None, None))] * len(leaves))
+  return ScaleByApolloState(
+      count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, projection=stored
+  )
+
+
+def _leaf_steps(
+    settings: ApolloSettings,
+    leaves: list[MatrixLeaf],
+    treedef: Any,
+    state: ScaleByApolloState,
+    matrix_index_offset: Any,
+) -> list[ApolloLeafStep]:
+  stored = (
+      treedef.flatten_up_to(state.projection)
+      if settings.stores_projection
+      else [None] * len(leaves)
+  )
+  return [
+      apollo_leaf_step(
+          settings, leaf, mu, nu, p, state.count, matrix_index_offset
+      )
+      for leaf, mu, nu, p in zip(
+          leaves,
+          treedef.flatten_up_to(state.mu),
+          treedef.flatten_up_to(state.nu),
+          stored,
+      )
+  ]
+
+
+def _next_apollo_state(
+    settings: ApolloSettings,
+    steps: list[ApolloLeafStep],
+    treedef: Any,
+    state: ScaleByApolloState,
+) -> ScaleByApolloState:
+  return ScaleByApolloState(
+      count=optax.safe_increment(state.count),
+      mu=treedef.unflatten([step.mu for step in steps]),
+      nu=treedef.unflatten([step.nu for step in steps]),
+      projection=(
+          treedef.unflatten([step.projection for step in steps])
+          if settings.stores_projection
+          else None
+      ),
+  )
+
+
 def scale_by_apollo(
     rank: int = 256,
     *,
@@ -83,7 +383,7 @@ def scale_by_apollo(
     seed: int = 0,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     mu_dtype: Optional[Any] = None,
-) -> base.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Scales each gradient matrix by APOLLO's low-rank estimate of Adam.
 
   For a gradient matrix G of shape (m, n) and step t = 1, 2, …:
@@ -142,9 +442,9 @@ def scale_by_apollo(
     mu_dtype: dtype of both moments; None: the leaf's dtype, at least float32.
 
   Returns:
-    A ``GradientTransformation``.
+    A ``GradientTransformationExtraArgs``.
   """
-  core = _build(
+  settings = ApolloSettings.create(
       rank,
       scale_type=scale_type,
       update_proj_gap=update_proj_gap,
@@ -153,268 +453,168 @@ def scale_by_apollo(
       eps=eps,
       projection=projection,
       seed=seed,
-      weight_dimension_numbers=weight_dimension_numbers,
       mu_dtype=mu_dtype,
   )
-  return base.GradientTransformationExtraArgs(core.init, core.update)
-
-
-class _Core(NamedTuple):
-  """scale_by_apollo's init/update and the per-leaf pieces they are made of."""
-
-  init: Callable[[Any], ScaleByApolloState]
-  update: Callable[..., Any]
-  layouts: Callable[[Any], Any]
-  leaf_factor: Callable[..., Any]
-  flat_state: Callable[..., Any]
-  unflatten_results: Callable[..., Any]
-
-
-def _build(
-    rank, *, scale_type, update_proj_gap, b1, b2, eps, projection, seed,
-    weight_dimension_numbers, mu_dtype,
-) -> _Core:
-  """Validates the arguments and builds scale_by_apollo's functions."""
-  rank = utils.check_static_int("rank", rank, 1)
-  update_proj_gap = utils.check_static_int("update_proj_gap", update_proj_gap, 1)
-  utils.check_choice("scale_type", scale_type, SCALE_TYPES)
-  if not callable(projection):
-    utils.check_choice("projection", projection, PROJECTIONS + ("<callable>",))
-  utils.check_real("b1", b1, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-  utils.check_real("b2", b2, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-  utils.check_real("eps", eps, lambda v: v >= 0.0, ">= 0")
   dn.check_dimension_numbers(weight_dimension_numbers, "weight_dimension_numbers")
-  mu_dtype = utils.canonicalize_dtype(mu_dtype, "mu_dtype")
-  stores_projection = projection == "svd"
-  projection_fn = proj.gaussian_projection if projection == "gaussian" else projection
-
-  def layouts(tree):
-    """(paths, leaves, layouts, treedef) for the leaves of ``tree``."""
-    dims = dn.resolve_dimension_numbers(weight_dimension_numbers, tree)
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    dims_leaves = treedef.flatten_up_to(dims)
-    paths = [utils.path_str(path) for path, _ in path_leaves]
-    leaves = [leaf for _, leaf in path_leaves]
-    result = []
-    for path, leaf, leaf_dims in zip(paths, leaves, dims_leaves):
-      if leaf_dims is None:
-        raise ValueError(
-            f"scale_by_apollo got the leaf {path!r} of shape"
-            f" {tuple(leaf.shape)}, which has no weight_dimension_numbers"
-            " (vectors and scalars cannot be projected). Route it to Adam,"
-            " e.g. with apollo_optax.apollo's `lowrank_mask` or"
-            " optax.partition."
-        )
-      result.append(dn.MatrixLayout.create(leaf.shape, leaf_dims, path))
-    return paths, leaves, result, treedef
-
-  def state_dtype(leaf):
-    return mu_dtype if mu_dtype is not None else utils.compute_dtype(leaf.dtype)
 
   def init_fn(params):
-    _, leaves, leaf_layouts, treedef = layouts(params)
-    # Sharded like the parameter along its kept and batch axes (see sharding).
-    derivations = [shd.lowrank_derivation(layout) for layout in leaf_layouts]
-    moments = [
-        shd.zeros(leaf, layout.lowrank_shape(rank), state_dtype(leaf), d)
-        for leaf, layout, d in zip(leaves, leaf_layouts, derivations)
-    ]
-    mu = shd.relabel_variables(treedef.unflatten(moments), derivations)
-    nu = shd.relabel_variables(
-        treedef.unflatten([jnp.zeros_like(m) for m in moments]), derivations
-    )
-    stored = None
-    if stores_projection:
-      stored = shd.relabel_variables(treedef.unflatten([
-          jnp.zeros(
-              (
-                  layout.num_matrices,
-                  layout.effective_rank(rank),
-                  layout.projected_dim,
-              ),
-              utils.compute_dtype(leaf.dtype),
-          )
-          for leaf, layout in zip(leaves, leaf_layouts)
-      ]), [shd.Derivation((None, None, None))] * len(leaves))
-    return ScaleByApolloState(
-        count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, projection=stored
-    )
-
-  def leaf_factor(path, g, mu, nu, stored, layout, count, first_matrix=0):
-    """(G canonical, s broadcastable to it, new mu, new nu, projection)."""
-    cdt = utils.compute_dtype(g.dtype)
-    r = layout.effective_rank(rank)
-    g3 = layout.to_canonical(g)
-    if stores_projection:
-      p = jax.lax.cond(
-          count % update_proj_gap == 0,
-          lambda: proj.svd_projection(g3.astype(cdt), r, layout.tall),
-          lambda: stored,
-      )
-    else:
-      keys = proj.projection_keys(
-          seed, path, count // update_proj_gap, layout.num_matrices,
-          first_matrix,
-      )
-      p = jax.vmap(
-          lambda k: projection_fn(k, (r, layout.projected_dim), cdt)
-      )(keys).astype(cdt)
-    g3c = g3.astype(cdt)
-    m = layout.lowrank_to_canonical(mu).astype(cdt)
-    v = layout.lowrank_to_canonical(nu).astype(cdt)
-    # With sharding in types, R keeps G's sharding on the kept axis: a sharded
-    # contracted axis of G is reduced into R, G is never moved. R then takes
-    # the moments' sharding (a local slice when they are sharded further).
-    out = shd.lowrank_sharding(g3, rank_axis=2 if layout.tall else 1)
-    if layout.tall:
-      low = jnp.einsum("bmn,brn->bmr", g3c, p, out_sharding=out)
-    else:
-      low = jnp.einsum("brm,bmn->brn", p, g3c, out_sharding=out)
-    if out is not None:
-      low = jax.sharding.reshard(low, shd.explicit_sharding(m))
-    m = b1 * m + (1.0 - b1) * low
-    v = b2 * v + (1.0 - b2) * jnp.square(low)
-    normalized = m / (jnp.sqrt(v) + eps)
-    factor = apollo_scaling_factor(
-        low, normalized, tall=layout.tall, scale_type=scale_type
-    )
-    # The moments may be sharded where G is not: gather the (small) factors.
-    target = shd.broadcast_sharding(factor, g3)
-    if target is not None:
-      factor = jax.sharding.reshard(factor, target)
-    new_mu = layout.lowrank_from_canonical(m).astype(mu.dtype)
-    new_nu = layout.lowrank_from_canonical(v).astype(nu.dtype)
-    return g3, factor, new_mu, new_nu, p if stores_projection else None
-
-  def flat_state(state, treedef):
-    stored = (
-        treedef.flatten_up_to(state.projection)
-        if stores_projection
-        else [None] * treedef.num_leaves
-    )
-    return (
-        treedef.flatten_up_to(state.mu),
-        treedef.flatten_up_to(state.nu),
-        stored,
-    )
-
-  def unflatten_results(results, treedef, state):
-    columns = list(zip(*results)) if results else [()] * 4
-    unflatten = lambda i: treedef.unflatten(list(columns[i]))
-    return unflatten(0), ScaleByApolloState(
-        count=numerics.safe_increment(state.count),
-        mu=unflatten(1),
-        nu=unflatten(2),
-        projection=unflatten(3) if stores_projection else None,
-    )
+    return init_apollo_state(settings, params, weight_dimension_numbers)
 
   def update_fn(updates, state, params=None, *, matrix_index_offset=0,
                 **extra_args):
     del params, extra_args
-    paths, leaves, leaf_layouts, treedef = layouts(updates)
-    results = []
-    for args in zip(paths, leaves, *flat_state(state, treedef), leaf_layouts):
-      g3, factor, new_mu, new_nu, p = leaf_factor(
-          *args, state.count, matrix_index_offset
-      )
-      update = args[-1].from_canonical(g3 * factor).astype(args[1].dtype)
-      results.append((update, new_mu, new_nu, p))
-    return unflatten_results(results, treedef, state)
+    leaves, treedef = matrix_leaves(updates, weight_dimension_numbers)
+    steps = _leaf_steps(settings, leaves, treedef, state, matrix_index_offset)
+    new_updates = [
+        leaf.layout.from_canonical(step.gradient * step.factor).astype(
+            leaf.value.dtype
+        )
+        for leaf, step in zip(leaves, steps)
+    ]
+    return treedef.unflatten(new_updates), _next_apollo_state(
+        settings, steps, treedef, state
+    )
 
-  return _Core(init_fn, update_fn, layouts, leaf_factor, flat_state,
-               unflatten_results)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def scale_by_apollo_limited(
+def apollo_matrix_chain(
     rank: int,
     *,
     sqrt_scale: Any,
     scale_front: bool,
     norm_growth_limit: Optional[Any],
+    weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     **apollo_kwargs: Any,
-) -> base.GradientTransformation:
-  """scale_by_apollo, √scale and the norm-growth limiter in one pass over G.
+) -> optax.GradientTransformationExtraArgs:
+  """APOLLO's update of the matrix leaves as a chain of its parts.
 
-  Computes exactly what ``optax.chain(scale_by_apollo(...), optax.scale(√s),
-  norm_growth_limiter(γ))`` (√s after the limiter unless ``scale_front``)
-  computes, with the same state structure, but makes no full-size pass it does
+  ``optax.chain(scale_by_apollo(...), optax.scale(√scale),
+  norm_growth_limiter(γ))``, with √scale after the limiter unless
+  ``scale_front``, and no limiter when ``norm_growth_limit`` is None.
+  :func:`fused_apollo_matrix_chain` computes the same in one pass.
+
+  Args:
+    rank: projection rank.
+    sqrt_scale: the factor √scale multiplying the update.
+    scale_front: apply √scale before the limiter.
+    norm_growth_limit: γ of the limiter, or None for no limiter.
+    weight_dimension_numbers: which axes form the matrix.
+    **apollo_kwargs: the other arguments of :func:`scale_by_apollo`.
+
+  Returns:
+    The ``optax.chain``.
+  """
+  parts = [scale_by_apollo(
+      rank, weight_dimension_numbers=weight_dimension_numbers, **apollo_kwargs
+  )]
+  if scale_front:
+    parts.append(optax.scale(sqrt_scale))
+  if norm_growth_limit is not None:
+    parts.append(limiter.norm_growth_limiter(
+        norm_growth_limit, weight_dimension_numbers=weight_dimension_numbers
+    ))
+  if not scale_front:
+    parts.append(optax.scale(sqrt_scale))
+  return optax.chain(*parts)
+
+
+def _is_own_state(path: Any, value: Any) -> bool:
+  del path
+  return isinstance(value, (ScaleByApolloState, limiter.NormGrowthLimiterState))
+
+
+def fused_apollo_matrix_chain(
+    rank: int,
+    *,
+    sqrt_scale: Any,
+    scale_front: bool,
+    norm_growth_limit: Optional[Any],
+    weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
+    **apollo_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`apollo_matrix_chain` in one pass over each gradient.
+
+  Its ``init`` is the chain's, so the state is the chain's own; ``update``
+  finds the :class:`ScaleByApolloState` and the limiter's
+  :class:`NormGrowthLimiterState` in it by type (``optax.tree.get``) and
+  writes them back with ``optax.tree.set``. It makes no full-size pass it does
   not need: the limiter's norm comes from channel norms of G,
   ‖G·s‖² = Σⱼ sⱼ² ‖Gⱼ‖², and the scaling factor, √scale and the limiter's
   factor multiply G once. Used by :func:`apollo_optax.apollo`.
+
+  Args: as :func:`apollo_matrix_chain`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` with the chain's state.
   """
-  core = _build(rank, **apollo_kwargs)
-  gamma = norm_growth_limit
-  dims_spec = apollo_kwargs["weight_dimension_numbers"]
-  norm_limiter = (
-      limiter.norm_growth_limiter(gamma, weight_dimension_numbers=dims_spec)
-      if gamma is not None
-      else None
+  chain = apollo_matrix_chain(
+      rank,
+      sqrt_scale=sqrt_scale,
+      scale_front=scale_front,
+      norm_growth_limit=norm_growth_limit,
+      weight_dimension_numbers=weight_dimension_numbers,
+      **apollo_kwargs,
   )
+  settings = ApolloSettings.create(rank, **apollo_kwargs)
+  has_limiter = norm_growth_limit is not None
   pre_scale = sqrt_scale if scale_front else 1.0
   post_scale = 1.0 if scale_front else sqrt_scale
 
-  def assemble(apollo_state, limiter_state, params):
-    states = [apollo_state]
-    if scale_front:
-      states.append(optax_scale_state(params))
-    if limiter_state is not None:
-      states.append(limiter_state)
-    if not scale_front:
-      states.append(optax_scale_state(params))
-    return tuple(states)
-
-  def init_fn(params):
-    limiter_state = norm_limiter.init(params) if norm_limiter else None
-    return assemble(core.init(params), limiter_state, params)
+  def limited_factor(leaf, step, previous_norm):
+    """(limiter factor per matrix, broadcastable; norm to remember)."""
+    s = step.factor
+    g_squared = jnp.square(step.gradient.astype(s.dtype))
+    if settings.scale_type == "tensor":
+      norm_squared = jnp.square(s[:, 0, 0]) * jnp.sum(g_squared, axis=(1, 2))
+    else:
+      channel_axis = 2 if leaf.layout.tall else 1
+      channel_norms = jnp.sum(g_squared, axis=channel_axis, keepdims=True)
+      norm_squared = jnp.sum(jnp.square(s) * channel_norms, axis=(1, 2))
+    norm = pre_scale * jnp.sqrt(norm_squared).reshape(previous_norm.shape)
+    factor, remembered = limiter.growth_limit(
+        norm, previous_norm.astype(norm.dtype), norm_growth_limit
+    )
+    return factor.reshape(-1, 1, 1), remembered.astype(previous_norm.dtype)
 
   def update_fn(updates, state, params=None, *, matrix_index_offset=0,
                 **extra_args):
     del params, extra_args
-    apollo_state = state[0]
-    limiter_state = state[2 if scale_front else 1] if norm_limiter else None
-    paths, leaves, leaf_layouts, treedef = core.layouts(updates)
-    previous = (
-        treedef.flatten_up_to(limiter_state.previous_norm)
-        if norm_limiter
-        else [None] * len(leaves)
+    apollo_state = optax.tree.get(state, "ScaleByApolloState", None, _is_own_state)
+    leaves, treedef = matrix_leaves(updates, weight_dimension_numbers)
+    steps = _leaf_steps(
+        settings, leaves, treedef, apollo_state, matrix_index_offset
     )
-    results, new_previous = [], []
-    for args in zip(
-        paths, leaves, *core.flat_state(apollo_state, treedef), leaf_layouts,
-        previous,
-    ):
-      layout, prev = args[-2], args[-1]
-      g3, s, new_mu, new_nu, p = core.leaf_factor(
-          *args[:-1], apollo_state.count, matrix_index_offset
+    new_states = {
+        "ScaleByApolloState": _next_apollo_state(
+            settings, steps, treedef, apollo_state
+        )
+    }
+    if has_limiter:
+      limiter_state = optax.tree.get(
+          state, "NormGrowthLimiterState", None, _is_own_state
       )
+      previous = treedef.flatten_up_to(limiter_state.previous_norm)
+    else:
+      previous = [None] * len(leaves)
+    new_updates, remembered = [], []
+    for leaf, step, previous_norm in zip(leaves, steps, previous):
       total = pre_scale * post_scale
-      if norm_limiter:
-        g_squared = jnp.square(g3.astype(s.dtype))
-        if apollo_kwargs["scale_type"] == "tensor":
-          norm_squared = jnp.square(s[:, 0, 0]) * jnp.sum(g_squared, axis=(1, 2))
-        else:
-          channel_axis = 2 if layout.tall else 1
-          channel_norms = jnp.sum(g_squared, axis=channel_axis, keepdims=True)
-          norm_squared = jnp.sum(jnp.square(s) * channel_norms, axis=(1, 2))
-        norm = pre_scale * jnp.sqrt(norm_squared).reshape(prev.shape)
-        factor, remembered = limiter.growth_limit(norm, prev.astype(norm.dtype), gamma)
-        new_previous.append(remembered.astype(prev.dtype))
-        total = total * factor.reshape(-1, 1, 1)
-      update = layout.from_canonical(g3 * (s * total)).astype(args[1].dtype)
-      results.append((update, new_mu, new_nu, p))
-    new_updates, new_apollo_state = core.unflatten_results(
-        results, treedef, apollo_state
+      if has_limiter:
+        factor, norm = limited_factor(leaf, step, previous_norm)
+        total = total * factor
+        remembered.append(norm)
+      new_updates.append(
+          leaf.layout.from_canonical(
+              step.gradient * (step.factor * total)
+          ).astype(leaf.value.dtype)
+      )
+    if has_limiter:
+      new_states["NormGrowthLimiterState"] = limiter.NormGrowthLimiterState(
+          treedef.unflatten(remembered)
+      )
+    return treedef.unflatten(new_updates), optax.tree.set(
+        state, _is_own_state, **new_states
     )
-    new_limiter_state = (
-        limiter.NormGrowthLimiterState(treedef.unflatten(new_previous))
-        if norm_limiter
-        else None
-    )
-    return new_updates, assemble(new_apollo_state, new_limiter_state, None)
 
-  return base.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def optax_scale_state(params: Any) -> Any:
-  """The (empty) state that ``optax.scale`` keeps."""
-  return optax.scale(1.0).init(params)
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)

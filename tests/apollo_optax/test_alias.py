@@ -185,8 +185,8 @@ def test_lowrank_mask_override_and_callable():
   params = {"a": jnp.ones((8, 4)), "b": jnp.ones((8, 4))}
   for mask in ({"a": True, "b": False}, lambda p: {"a": True, "b": False}):
     state = apollo_optax.apollo(1e-2, rank=2, lowrank_mask=mask).init(params)
-    apollo_state = state[0].inner_states["apollo"].inner_state[0]
+    apollo_state = optax.tree.get(state, "ScaleByApolloState")
     assert apollo_state.mu["a"].shape == (8, 2)
     assert isinstance(apollo_state.mu["b"], optax.MaskedNode)
-    adam_state = state[0].inner_states["adam"].inner_state
+    adam_state = optax.tree.get(state, "ScaleByAdamMomentsState")
     assert adam_state.mu["b"].shape == (8, 4)

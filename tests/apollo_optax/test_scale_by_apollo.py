@@ -127,40 +127,37 @@ def test_svd_projection_matches_float64_reference():
     # Singular vectors are defined up to sign; the scaling factors are not
     # affected by it.
     np.testing.assert_allclose(u["w"], expected, rtol=1e-4, atol=1e-8)
-  stored = state[0].inner_states["apollo"].inner_state[0].projection["w"]
+  stored = optax.tree.get(state, "ScaleByApolloState").projection["w"]
   assert stored.shape == (1, 2, 6)
 
 
+@pytest.mark.parametrize("norm_growth_limit", [1.01, None])
 @pytest.mark.parametrize("scale_front", [False, True])
 @pytest.mark.parametrize("scale_type", ["channel", "tensor"])
-def test_fused_path_equals_the_composed_chain(scale_front, scale_type):
+def test_fused_path_equals_the_composed_chain(scale_front, scale_type, norm_growth_limit):
   dims = lambda tree: jax.tree.map(lambda _: apollo_optax.ApolloDimensionNumbers(1, 2), tree)
   kwargs = dict(
+      sqrt_scale=3.0, scale_front=scale_front, norm_growth_limit=norm_growth_limit,
       scale_type=scale_type, update_proj_gap=4, b1=0.9, b2=0.999, eps=1e-6,
       projection="gaussian", seed=5, weight_dimension_numbers=dims, mu_dtype=None,
   )
-  sqrt_scale = 3.0
-  chained = [apollo_optax.scale_by_apollo(3, **kwargs)]
-  if scale_front:
-    chained.append(optax.scale(sqrt_scale))
-  chained.append(apollo_optax.norm_growth_limiter(1.01, weight_dimension_numbers=dims))
-  if not scale_front:
-    chained.append(optax.scale(sqrt_scale))
-  composed = optax.chain(*chained)
-  fused = sba.scale_by_apollo_limited(
-      3, sqrt_scale=sqrt_scale, scale_front=scale_front, norm_growth_limit=1.01,
-      **kwargs,
-  )
+  composed = sba.apollo_matrix_chain(3, **kwargs)
+  fused = sba.fused_apollo_matrix_chain(3, **kwargs)
   rng = np.random.default_rng(2)
   params = {"a": jnp.zeros((2, 10, 4)), "b": jnp.zeros((2, 4, 10))}
   s_c, s_f = composed.init(params), fused.init(params)
   chex.assert_trees_all_equal_structs(s_c, s_f)
+  expected_types = [sba.ScaleByApolloState, optax.EmptyState]
+  if norm_growth_limit is not None:
+    expected_types.insert(2 if scale_front else 1, apollo_optax.NormGrowthLimiterState)
+  assert [type(s) for s in s_f] == expected_types
   for t in range(9):
     g = {k: jnp.asarray(rng.normal(size=v.shape) * (1 + t % 3), jnp.float32) for k, v in params.items()}
     u_c, s_c = composed.update(g, s_c)
     u_f, s_f = fused.update(g, s_f)
     chex.assert_trees_all_close(u_f, u_c, rtol=2e-6, atol=1e-9)
   chex.assert_trees_all_close(s_f, s_c, rtol=2e-6, atol=1e-9)
+  assert int(optax.tree.get(s_f, "ScaleByApolloState").count) == 9
 
 
 BAD_ARGUMENTS = [
@@ -221,5 +218,5 @@ def test_vector_given_to_scale_by_apollo_is_an_error():
 def test_apollo_mini_defaults():
   tx = apollo_optax.apollo_mini(1e-2)
   state = tx.init({"w": jnp.zeros((40, 16))})
-  mu = state[0].inner_states["apollo"].inner_state[0].mu["w"]
+  mu = optax.tree.get(state, "ScaleByApolloState").mu["w"]
   assert mu.shape == (40, 1)

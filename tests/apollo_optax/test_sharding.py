@@ -85,11 +85,9 @@ def _normalized(spec, ndim):
 
 def _check_state_specs(state, param_specs):
   """Low-rank moments, limiter norms and Adam moments have the right specs."""
-  inner = state[0].inner_states
-  apollo_state = inner["apollo"].inner_state[0]
-  limiter_state, = [s for s in inner["apollo"].inner_state
-                    if isinstance(s, apollo_optax.NormGrowthLimiterState)]
-  adam_state = inner["adam"].inner_state
+  apollo_state = optax.tree.get(state, "ScaleByApolloState")
+  limiter_state = optax.tree.get(state, "NormGrowthLimiterState")
+  adam_state = optax.tree.get(state, "ScaleByAdamMomentsState")
   for key in LOWRANK:
     expected = _expected_lowrank_spec(param_specs[key], SHAPES[key])
     for moment in (apollo_state.mu[key], apollo_state.nu[key]):
