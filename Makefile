@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-quality bench-torch accel-env bench-accel clean
+.PHONY: setup test demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,3 +71,11 @@ bench-accel: accel-env
 	for t in h100 a100 tpu_v5p; do \
 	  $(ACCEL_RUN) -m benchmarks.qapollo_memory --target $$t --out-name qapollo_memory_$$t || exit 1; \
 	done
+
+# Tiny Hugging Face checkpoints for tests/apollo_lm/test_hf.py, written by
+# transformers itself in the side venv (never a project dependency), plus the
+# check that transformers loads our saved folders (tests/fixtures/hf/roundtrip.json).
+hf-fixtures: $(STAMP)
+	test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
+	.venv-torch/bin/python -m pip install --quiet torch==2.13.0 transformers safetensors tokenizers numpy
+	.venv-torch/bin/python tests/fixtures/hf/make_fixtures.py --jax-python $(PY)

@@ -1,0 +1,507 @@
+# Copyright 2025 The apollo_optax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Hugging Face checkpoints in and out: Llama, Mistral and Qwen2 folders.
+
+:func:`load_pretrained` reads a local folder as ``transformers`` writes it
+(``config.json`` plus ``model.safetensors`` or a sharded
+``model.safetensors.index.json``) into a :class:`apollo_lm.model.Llama`,
+tensor by tensor: every per-layer tensor is copied into a host buffer of its
+stacked ``(L, ...)`` leaf, which then goes to its devices, so host memory
+stays at about one stacked leaf, never the whole model. :func:`save_pretrained`
+writes a folder that ``transformers`` loads (``save_pretrained`` layout,
+shards of at most 5 GB). Nothing is downloaded. The tokenizer is read by
+:func:`apollo_lm.sft.load_tokenizer` (``tokenizer.json``); generation stop ids
+by :func:`eos_token_ids`.
+
+Example::
+
+  model, config = load_pretrained("Llama-3.2-1B", dtype=jnp.bfloat16)
+  ...  # fine-tune
+  save_pretrained(model, config, "Llama-3.2-1B-tuned")
+
+Name mapping (HF ``nn.Linear`` weights are ``(out, in)``, ours ``(in, out)``,
+so matrices are transposed; layer ``i`` is row ``i`` of the stacked leaf)::
+
+  model.embed_tokens.weight                     embed/embedding
+  model.layers.{i}.input_layernorm.weight       layers/attn_norm/scale[i]
+  model.layers.{i}.self_attn.{q,k,v,o}_proj.weight   layers/attn/*_proj/kernel[i]ᵀ
+  model.layers.{i}.self_attn.{q,k,v}_proj.bias  layers/attn/*_proj/bias[i]
+  model.layers.{i}.post_attention_layernorm.weight   layers/mlp_norm/scale[i]
+  model.layers.{i}.mlp.{gate,up,down}_proj.weight    layers/mlp/*_proj/kernel[i]ᵀ
+  model.norm.weight                             final_norm/scale
+  lm_head.weight                                lm_head/kernel ᵀ (untied only)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any, Final
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apollo_lm import configs
+from apollo_lm import model as model_lib
+from apollo_lm import sharding as sharding_lib
+
+PathLike = str | os.PathLike
+
+SUPPORTED_ARCHITECTURES: Final[tuple[str, ...]] = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_MODEL_TYPES: Final[dict[str, str]] = {
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ROPE_TYPES: Final[tuple[str, ...]] = ("default", "llama3")
+MAX_SHARD_SIZE: Final[int] = 5 * 10**9
+
+SINGLE_FILE: Final[str] = "model.safetensors"
+INDEX_FILE: Final[str] = "model.safetensors.index.json"
+
+# HF name inside ``model.layers.{i}.`` -> (our stacked path, transposed).
+_LAYER_TENSORS: Final[dict[str, tuple[str, bool]]] = {
+    "input_layernorm.weight": ("layers/attn_norm/scale", False),
+    "self_attn.q_proj.weight": ("layers/attn/q_proj/kernel", True),
+    "self_attn.k_proj.weight": ("layers/attn/k_proj/kernel", True),
+    "self_attn.v_proj.weight": ("layers/attn/v_proj/kernel", True),
+    "self_attn.o_proj.weight": ("layers/attn/o_proj/kernel", True),
+    "self_attn.q_proj.bias": ("layers/attn/q_proj/bias", False),
+    "self_attn.k_proj.bias": ("layers/attn/k_proj/bias", False),
+    "self_attn.v_proj.bias": ("layers/attn/v_proj/bias", False),
+    "post_attention_layernorm.weight": ("layers/mlp_norm/scale", False),
+    "mlp.gate_proj.weight": ("layers/mlp/gate_proj/kernel", True),
+    "mlp.up_proj.weight": ("layers/mlp/up_proj/kernel", True),
+    "mlp.down_proj.weight": ("layers/mlp/down_proj/kernel", True),
+}
+_GLOBAL_TENSORS: Final[dict[str, tuple[str, bool]]] = {
+    "model.embed_tokens.weight": ("embed/embedding", False),
+    "model.norm.weight": ("final_norm/scale", False),
+    "lm_head.weight": ("lm_head/kernel", True),
+}
+# Buffers some older checkpoints carry; they are recomputed, never loaded.
+_IGNORED_SUFFIXES: Final[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+
+
+def _error(message: str) -> ValueError:
+  return ValueError(f"apollo_lm.hf: {message}")
+
+
+def _architecture(hf: Mapping[str, Any]) -> str:
+  architectures = hf.get("architectures")
+  if not architectures:
+    by_type = {v: k for k, v in _MODEL_TYPES.items()}
+    if hf.get("model_type") in by_type:
+      return by_type[hf["model_type"]]
+    raise _error(
+        f"config.json names no `architectures` and an unknown `model_type` "
+        f"{hf.get('model_type')!r}; supported architectures: "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
+  if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
+    raise _error(
+        f"unsupported architecture {architectures!r}; supported "
+        f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}.")
+  return architectures[0]
+
+
+def _rope(hf: Mapping[str, Any]) -> tuple[float, configs.RopeScaling | None]:
+  """(rope_theta, scaling) from either transformers 4.x or >= 5 spelling."""
+  params = hf.get("rope_parameters")
+  if params is not None:
+    if params and all(isinstance(v, Mapping) for v in params.values()):
+      # Per layer type (transformers >= 5): only full attention is supported.
+      if set(params) != {"full_attention"}:
+        raise _error(
+            f"`rope_parameters` for layer types {sorted(params)}; supported: "
+            f"full_attention only.")
+      params = params["full_attention"]
+    params = dict(params)
+  else:
+    params = dict(hf.get("rope_scaling") or {})
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  if rope_type not in SUPPORTED_ROPE_TYPES:
+    raise _error(
+        f"unsupported RoPE scaling type {rope_type!r}; supported RoPE types: "
+        f"{', '.join(SUPPORTED_ROPE_TYPES)}.")
+  if rope_type == "default":
+    return theta, None
+  try:
+    scaling = configs.RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(
+            params["original_max_position_embeddings"]))
+  except KeyError as e:
+    raise _error(f"llama3 RoPE scaling without {e.args[0]!r}.") from None
+  return theta, scaling
+
+
+def config_from_hf(hf: Mapping[str, Any], *, max_seq_len: int | None = None,
+                   param_dtype: Any = jnp.float32,
+                   dtype: Any = None, **overrides: Any) -> configs.LlamaConfig:
+  """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict.
+
+  Args:
+    hf: The parsed ``config.json`` of a Llama, Mistral or Qwen2 checkpoint
+      (``rope_theta``/``rope_scaling`` at the top level as on the Hub, or
+      ``rope_parameters`` as transformers >= 5 writes).
+    max_seq_len: Longest sequence to accept; default
+      ``max_position_embeddings``.
+    param_dtype: Storage dtype of the parameters.
+    dtype: Compute dtype; default ``param_dtype``.
+    **overrides: Other :class:`LlamaConfig` fields, e.g. ``remat=True``.
+
+  Raises:
+    ValueError: naming the unsupported feature (architecture, activation,
+      RoPE type, attention/MLP biases of Llama, a sliding window shorter than
+      ``max_seq_len``) and listing what is supported.
+
+  Example::
+
+    config = config_from_hf(json.load(open("Llama-3.2-1B/config.json")))
+  """
+  arch = _architecture(hf)
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise _error(f"unsupported `hidden_act` {act!r}; supported: silu.")
+  for key in ("attention_bias", "mlp_bias"):
+    if arch == "LlamaForCausalLM" and hf.get(key):
+      raise _error(
+          f"`{key}`=true is not supported for LlamaForCausalLM; supported "
+          f"biases: q/k/v biases of Qwen2ForCausalLM.")
+  layer_types = set(hf.get("layer_types") or ())
+  if layer_types - {"full_attention"}:
+    raise _error(
+        f"unsupported `layer_types` {sorted(layer_types)}; supported: "
+        f"full_attention (no sliding-window layers).")
+  theta, scaling = _rope(hf)
+  window = hf.get("sliding_window")
+  if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+    window = None
+  max_positions = hf.get("max_position_embeddings", 2048)
+  fields = dict(
+      name=arch,
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_heads=hf["num_attention_heads"],
+      num_layers=hf["num_hidden_layers"],
+      vocab_size=hf["vocab_size"],
+      max_seq_len=max_positions if max_seq_len is None else max_seq_len,
+      rope_theta=theta,
+      rope_scaling=scaling,
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      init_std=float(hf.get("initializer_range", 0.02)),
+      num_kv_heads=hf.get("num_key_value_heads"),
+      head_dim=hf.get("head_dim"),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=arch == "Qwen2ForCausalLM",
+      sliding_window=window,
+      param_dtype=param_dtype,
+      dtype=param_dtype if dtype is None else dtype)
+  fields.update(overrides)
+  return configs.LlamaConfig(**fields)
+
+
+def config_to_hf(config: configs.LlamaConfig,
+                 architecture: str | None = None) -> dict[str, Any]:
+  """The ``config.json`` dict of ``config`` (transformers 4.x spelling).
+
+  Args:
+    config: The model's configuration.
+    architecture: One of :data:`SUPPORTED_ARCHITECTURES`; default
+      ``config.name`` when it is one (a loaded checkpoint keeps its own), else
+      ``Qwen2ForCausalLM`` with q/k/v biases and ``LlamaForCausalLM``
+      without.
+  """
+  if architecture is None:
+    if config.name in SUPPORTED_ARCHITECTURES:
+      architecture = config.name
+    else:
+      architecture = ("Qwen2ForCausalLM" if config.qkv_bias
+                      else "LlamaForCausalLM")
+  if architecture not in SUPPORTED_ARCHITECTURES:
+    raise _error(
+        f"unsupported `architecture` {architecture!r}; supported "
+        f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}.")
+  if config.qkv_bias != (architecture == "Qwen2ForCausalLM"):
+    raise _error(
+        f"{architecture} cannot express qkv_bias={config.qkv_bias}; q/k/v "
+        f"biases are supported as Qwen2ForCausalLM only.")
+  scaling = config.rope_scaling
+  out = {
+      "architectures": [architecture],
+      "model_type": _MODEL_TYPES[architecture],
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": config.max_seq_len,
+      "rms_norm_eps": config.norm_eps,
+      "initializer_range": config.init_std,
+      "rope_theta": config.rope_theta,
+      "rope_scaling": None if scaling is None else {
+          "rope_type": scaling.rope_type, "factor": scaling.factor,
+          "low_freq_factor": scaling.low_freq_factor,
+          "high_freq_factor": scaling.high_freq_factor,
+          "original_max_position_embeddings":
+              scaling.original_max_position_embeddings},
+      "tie_word_embeddings": config.tie_embeddings,
+      "torch_dtype": jnp.dtype(config.param_dtype).name,
+      "use_cache": True,
+  }
+  if architecture == "LlamaForCausalLM":
+    out.update(attention_bias=False, mlp_bias=False)
+  elif architecture == "MistralForCausalLM":
+    out.update(sliding_window=config.sliding_window)
+  else:
+    out.update(use_sliding_window=False, sliding_window=config.sliding_window)
+  return out
+
+
+def _hf_names(config: configs.LlamaConfig, path: str) -> list[tuple[str, bool]]:
+  """HF tensor names of our param ``path`` (one per layer for stacks)."""
+  for name, (ours, transposed) in _GLOBAL_TENSORS.items():
+    if ours == path:
+      return [(name, transposed)]
+  for name, (ours, transposed) in _LAYER_TENSORS.items():
+    if ours == path:
+      return [(f"model.layers.{i}.{name}", transposed)
+              for i in range(config.num_layers)]
+  raise _error(f"no Hugging Face name for parameter {path!r}.")
+
+
+class _Reader:
+  """Tensors of a single-file or sharded safetensors checkpoint by name."""
+
+  def __init__(self, root: pathlib.Path):
+    # Lazily imported: an optional dependency (extra `examples`).
+    import safetensors  # pylint: disable=g-import-not-at-top
+    self._safe_open = safetensors.safe_open
+    if (root / SINGLE_FILE).exists():
+      self._files = {root / SINGLE_FILE: None}
+      with self._open(root / SINGLE_FILE) as f:
+        self.location = {name: root / SINGLE_FILE for name in f.keys()}
+    elif (root / INDEX_FILE).exists():
+      weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
+      self.location = {name: root / file for name, file in weight_map.items()}
+    else:
+      raise FileNotFoundError(
+          f"apollo_lm.hf: {root} has neither {SINGLE_FILE} nor {INDEX_FILE} "
+          f"(only safetensors checkpoints are supported).")
+    self._handles: dict[pathlib.Path, Any] = {}
+
+  def _open(self, file: pathlib.Path):
+    # framework="flax": NumPy cannot represent bfloat16 checkpoints.
+    return self._safe_open(str(file), framework="flax", device="cpu")
+
+  def get(self, name: str) -> np.ndarray:
+    file = self.location[name]
+    if file not in self._handles:
+      self._handles[file] = self._open(file).__enter__()
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+      return np.asarray(self._handles[file].get_tensor(name))
+
+  def close(self):
+    for handle in self._handles.values():
+      handle.__exit__(None, None, None)
+    self._handles.clear()
+
+
+def load_pretrained(
+    path: PathLike, *, dtype: Any = jnp.float32, compute_dtype: Any = None,
+    max_seq_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
+    shardings: Any = None, **overrides: Any,
+) -> tuple[model_lib.Llama, configs.LlamaConfig]:
+  """Loads a local Hugging Face Llama / Mistral / Qwen2 folder.
+
+  Args:
+    path: Folder with ``config.json`` and ``model.safetensors`` or
+      ``model.safetensors.index.json`` plus its shards.
+    dtype: Storage dtype of the parameters (e.g. ``jnp.bfloat16``).
+    compute_dtype: Compute dtype of the model; default ``dtype``.
+    max_seq_len: Longest sequence; default ``max_position_embeddings``.
+    mesh: Optional mesh: parameters are placed per the model's sharding
+      annotations (see :mod:`apollo_lm.sharding`).
+    shardings: Optional ``nnx.State`` of ``jax.sharding.Sharding`` for the
+      parameters (as :func:`apollo_lm.sharding.param_shardings` returns),
+      instead of ``mesh``.
+    **overrides: Other :class:`LlamaConfig` fields (``remat=True`` ...).
+
+  Returns:
+    ``(model, config)``; ``config.name`` is the checkpoint's architecture.
+
+  Raises:
+    FileNotFoundError: no config or weights in ``path``.
+    ValueError: an unsupported feature (see :func:`config_from_hf`), or
+      missing, unexpected or mis-shaped tensors (named).
+
+  Example::
+
+    model, config = load_pretrained("ckpt", dtype=jnp.bfloat16,
+                                    mesh=sharding.make_mesh(1, 8, 1))
+  """
+  root = pathlib.Path(path)
+  config_path = root / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"apollo_lm.hf: no config.json in {root}.")
+  config = config_from_hf(
+      json.loads(config_path.read_text()), max_seq_len=max_seq_len,
+      param_dtype=dtype, dtype=compute_dtype, **overrides)
+  graphdef, abstract = nnx.split(
+      nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0))))
+  if mesh is not None and shardings is None:
+    shardings = sharding_lib.param_shardings(abstract, mesh)
+  flat_shardings = None
+  if shardings is not None:
+    flat_shardings = {
+        "/".join(map(str, p)): s.get_value() if isinstance(s, nnx.Variable)
+        else s for p, s in nnx.to_flat_state(shardings)}
+
+  reader = _Reader(root)
+  try:
+    wanted = set()
+    leaves = []
+    for key, variable in nnx.to_flat_state(abstract):
+      path_str = "/".join(map(str, key))
+      names = _hf_names(config, path_str)
+      wanted.update(name for name, _ in names)
+      shape = tuple(variable.shape)
+      # One host buffer per stacked leaf, filled tensor by tensor.
+      host = np.empty(shape, jnp.dtype(dtype))
+      for i, (name, transposed) in enumerate(names):
+        if name not in reader.location:
+          raise _error(f"{root}: missing tensor {name!r} (for {path_str}).")
+        tensor = reader.get(name)
+        if transposed:
+          tensor = tensor.T
+        target = host[i] if len(names) > 1 else host
+        if tensor.shape != target.shape:
+          raise _error(
+              f"{root}: tensor {name!r} has shape {list(tensor.shape)}, the "
+              f"config implies {list(target.shape[::-1] if transposed else target.shape)}.")
+        target[...] = tensor
+        del tensor
+      if flat_shardings is not None:
+        value = jax.device_put(host, flat_shardings[path_str])
+      else:
+        value = jax.device_put(host)
+      del host
+      leaves.append((key, variable.replace(value)))
+    unexpected = sorted(
+        name for name in reader.location if name not in wanted
+        and not name.endswith(_IGNORED_SUFFIXES)
+        and not (config.tie_embeddings and name == "lm_head.weight"))
+    if unexpected:
+      raise _error(
+          f"{root}: unexpected tensors {unexpected[:5]}"
+          f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}); "
+          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} weights.")
+  finally:
+    reader.close()
+  model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+  return model, config
+
+
+def save_pretrained(model: model_lib.Llama, config: configs.LlamaConfig,
+                    path: PathLike, *, architecture: str | None = None,
+                    max_shard_size: int = MAX_SHARD_SIZE) -> list[str]:
+  """Writes ``model`` as a Hugging Face folder that ``transformers`` loads.
+
+  ``config.json`` (see :func:`config_to_hf`) and ``model.safetensors``, or
+  ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_size``
+  bytes with ``model.safetensors.index.json``. Tensors keep the parameters'
+  dtype; a tied model writes no ``lm_head.weight``. Host memory: about one
+  shard (tensors leave the devices one layer slice at a time).
+
+  Returns:
+    The weight file names written.
+
+  Example::
+
+    save_pretrained(model, config, "out")
+    # transformers.AutoModelForCausalLM.from_pretrained("out")
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(path)
+  root.mkdir(parents=True, exist_ok=True)
+  hf_config = config_to_hf(config, architecture)
+  state = nnx.state(model, nnx.Param)
+  by_name: dict[str, tuple[str, bool, int | None]] = {}
+  params = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+  for path_str in params:
+    names = _hf_names(config, path_str)
+    for i, (name, transposed) in enumerate(names):
+      by_name[name] = (path_str, transposed, i if len(names) > 1 else None)
+
+  # HF order: embedding, layer by layer, final norm, head.
+  def order(name: str):
+    if name.startswith("model.layers."):
+      return (1, int(name.split(".")[2]), name)
+    return (0 if "embed" in name else 2 if name == "model.norm.weight" else 3,
+            0, name)
+
+  shards: list[dict[str, np.ndarray]] = [{}]
+  sizes = [0]
+  for name in sorted(by_name, key=order):
+    path_str, transposed, index = by_name[name]
+    value = params[path_str][...]
+    # Only this layer's slice leaves the devices.
+    tensor = np.asarray(jax.device_get(value if index is None else value[index]))
+    tensor = np.ascontiguousarray(tensor.T if transposed else tensor)
+    if sizes[-1] and sizes[-1] + tensor.nbytes > max_shard_size:
+      shards.append({})
+      sizes.append(0)
+    shards[-1][name] = tensor
+    sizes[-1] += tensor.nbytes
+  files = []
+  if len(shards) == 1:
+    files.append(SINGLE_FILE)
+    save_file(shards[0], str(root / SINGLE_FILE), metadata={"format": "pt"})
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, str(root / file), metadata={"format": "pt"})
+      files.append(file)
+      weight_map.update({name: file for name in shard})
+    (root / INDEX_FILE).write_text(json.dumps(
+        {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},
+        indent=2) + "\n")
+  (root / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  return files
+
+
+def eos_token_ids(path: PathLike) -> tuple[int, ...]:
+  """End-of-sequence ids for generation (Llama 3 has several).
+
+  From ``generation_config.json``'s ``eos_token_id`` (an int or a list),
+  else ``config.json``'s; empty when neither names one.
+  """
+  root = pathlib.Path(path)
+  for file in ("generation_config.json", "config.json"):
+    if (root / file).exists():
+      value = json.loads((root / file).read_text()).get("eos_token_id")
+      if value is not None:
+        return tuple(value) if isinstance(value, list) else (int(value),)
+  return ()

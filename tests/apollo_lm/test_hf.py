@@ -1,0 +1,264 @@
+"""Tests for Hugging Face checkpoints in and out (`apollo_lm.hf`).
+
+The fixtures in tests/fixtures/hf were written by `transformers` itself
+(`make hf-fixtures`, tests/fixtures/hf/make_fixtures.py), with its logits on
+fixed tokens; roundtrip.json records that `transformers` loads our saved
+folders with the same weights and logits.
+"""
+
+import json
+import pathlib
+import shutil
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from safetensors.numpy import save_file
+
+from apollo_lm import configs
+from apollo_lm import hf
+from apollo_lm import sharding
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+NAMES = ("llama2", "llama3", "qwen2", "mistral")
+TOKENS = np.load(FIXTURES / "tokens.npy").astype(np.int32)
+
+pytestmark = pytest.mark.xdist_group("apollo_lm_hf")
+
+
+def _params(model) -> dict[str, np.ndarray]:
+  return {"/".join(map(str, p)): np.asarray(v[...]) for p, v
+          in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _hf_config(name: str) -> dict:
+  return json.loads((FIXTURES / name / "config.json").read_text())
+
+
+def _copy(name: str, tmp_path: pathlib.Path) -> pathlib.Path:
+  dst = tmp_path / name
+  shutil.copytree(FIXTURES / name, dst)
+  return dst
+
+
+def _legacy_spelling(hf_config: dict) -> dict:
+  """transformers >= 5 `rope_parameters` -> the 4.x top-level spelling."""
+  out = dict(hf_config)
+  rope = dict(out.pop("rope_parameters"))
+  out["rope_theta"] = rope.pop("rope_theta")
+  out["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
+  return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers(name):
+  model, config = hf.load_pretrained(FIXTURES / name)
+  assert config.param_dtype == jnp.float32 and config.dtype == jnp.float32
+  expected = np.load(FIXTURES / name / "logits.npy")
+  logits = np.asarray(model(jnp.asarray(TOKENS)))
+  np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+  # The logits are far from trivial (so the check above can fail).
+  assert np.abs(expected).max() > 1.0
+
+
+@pytest.mark.parametrize("name, features", [
+    ("llama2", dict(num_kv_heads=4, head_dim=8, tie_embeddings=False,
+                    qkv_bias=False, rope_scaling=None)),
+    ("llama3", dict(num_kv_heads=2, head_dim=16, tie_embeddings=True,
+                    qkv_bias=False, rope_theta=500000.0,
+                    rope_scaling=configs.RopeScaling(8.0, 1.0, 4.0, 16))),
+    ("qwen2", dict(num_kv_heads=1, tie_embeddings=True, qkv_bias=True,
+                   rope_theta=1e6)),
+    ("mistral", dict(num_kv_heads=2, tie_embeddings=False, norm_eps=1e-5)),
+])
+def test_config_from_hf_both_spellings(name, features):
+  new = hf.config_from_hf(_hf_config(name))
+  legacy = hf.config_from_hf(_legacy_spelling(_hf_config(name)))
+  assert new == legacy
+  for field, value in features.items():
+    assert getattr(new, field) == value, field
+  assert new.name == _hf_config(name)["architectures"][0]
+  # config_to_hf writes what config_from_hf reads back.
+  assert hf.config_from_hf(hf.config_to_hf(new)) == new
+
+
+@pytest.mark.parametrize("name, dtype", [
+    ("llama2", jnp.float32), ("llama3", jnp.float32), ("qwen2", jnp.float32),
+    ("mistral", jnp.float32), ("llama3", jnp.bfloat16)])
+def test_load_save_load_is_exact(name, dtype, tmp_path):
+  model, config = hf.load_pretrained(FIXTURES / name, dtype=dtype)
+  files = hf.save_pretrained(model, config, tmp_path / "out")
+  assert files == ["model.safetensors"]
+  again, config_again = hf.load_pretrained(tmp_path / "out", dtype=dtype)
+  assert config_again == config
+  before, after = _params(model), _params(again)
+  assert before.keys() == after.keys()
+  for key in before:
+    assert before[key].dtype == jnp.dtype(dtype), key
+    np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+  # The same tensors as the original file, bit for bit (float32 only).
+  if dtype == jnp.float32:
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    original = {}
+    for file in (FIXTURES / name).glob("*.safetensors"):
+      original.update(load_file(file))
+    assert ours.keys() == original.keys()
+    for key in ours:
+      np.testing.assert_array_equal(ours[key], original[key], err_msg=key)
+
+
+def test_save_sharded_with_index(tmp_path):
+  model, config = hf.load_pretrained(FIXTURES / "llama2")
+  files = hf.save_pretrained(model, config, tmp_path, max_shard_size=30_000)
+  assert len(files) > 2
+  assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+  index = json.loads((tmp_path / hf.INDEX_FILE).read_text())
+  assert sorted(set(index["weight_map"].values())) == files
+  assert index["metadata"]["total_size"] == 4 * sum(
+      v.size for v in _params(model).values())
+  for file in files:
+    size = sum(t.nbytes for t in load_file(tmp_path / file).values())
+    # A shard is only over the limit when one tensor alone is.
+    assert size <= 30_000 or len(load_file(tmp_path / file)) == 1
+  again, _ = hf.load_pretrained(tmp_path)
+  for key, value in _params(model).items():
+    np.testing.assert_array_equal(_params(again)[key], value, err_msg=key)
+
+
+def test_tied_checkpoint_with_lm_head_weight(tmp_path):
+  path = _copy("qwen2", tmp_path)
+  tensors = load_file(path / "model.safetensors")
+  assert "lm_head.weight" not in tensors
+  tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+  save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+  model, config = hf.load_pretrained(path)
+  assert config.tie_embeddings and "lm_head/kernel" not in _params(model)
+  np.testing.assert_allclose(
+      model(jnp.asarray(TOKENS)), np.load(path / "logits.npy"), atol=1e-4)
+
+
+def test_sharded_load_onto_mesh():
+  assert jax.device_count() == 8
+  mesh = sharding.make_mesh(1, 4, 2)
+  model, _ = hf.load_pretrained(FIXTURES / "llama3", mesh=mesh)
+  expected = sharding.param_shardings(model, mesh)
+  flat = {"/".join(map(str, p)): s.get_value()
+          for p, s in nnx.to_flat_state(expected)}
+  sharded_leaves = 0
+  for path, value in _params_raw(model).items():
+    assert isinstance(value.sharding, NamedSharding)
+    assert value.sharding.is_equivalent_to(flat[path], value.ndim), path
+    sharded_leaves += len(value.sharding.device_set) == 8 and (
+        value.addressable_shards[0].data.size < value.size)
+  assert sharded_leaves >= 5
+  with jax.set_mesh(mesh):
+    logits = nnx.jit(lambda m, t: m(t))(model, jnp.asarray(TOKENS))
+  np.testing.assert_allclose(logits, np.load(FIXTURES / "llama3" /
+                                             "logits.npy"), atol=1e-4)
+
+
+def _params_raw(model) -> dict[str, jax.Array]:
+  return {"/".join(map(str, p)): v[...] for p, v
+          in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(architectures=["GPT2LMHeadModel"]),
+     "unsupported architecture ['GPT2LMHeadModel']; supported architectures: "
+     "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)),
+     "unsupported RoPE scaling type 'yarn'; supported RoPE types: default, "
+     "llama3"),
+    (dict(hidden_act="gelu"), "unsupported `hidden_act` 'gelu'; supported: "
+     "silu"),
+    (dict(attention_bias=True), "`attention_bias`=true is not supported for "
+     "LlamaForCausalLM"),
+    (dict(mlp_bias=True), "`mlp_bias`=true is not supported"),
+    (dict(layer_types=["sliding_attention", "full_attention"]),
+     "unsupported `layer_types`"),
+])
+def test_unsupported_llama_config_features(change, message):
+  with pytest.raises(ValueError, match=re_escape(message)):
+    hf.config_from_hf({**_hf_config("llama3"), **change})
+
+
+def re_escape(text: str) -> str:
+  import re  # pylint: disable=g-import-not-at-top
+  return re.escape(text)
+
+
+def test_sliding_window_shorter_than_sequence_is_an_error():
+  mistral = {**_hf_config("mistral"), "sliding_window": 16}
+  with pytest.raises(ValueError, match="sliding-window attention shorter than"
+                     " the sequence is not supported"):
+    hf.config_from_hf(mistral)
+  # Within the window every position sees all earlier ones: supported.
+  assert hf.config_from_hf(mistral, max_seq_len=16).sliding_window == 16
+  # Qwen2 ignores the window unless use_sliding_window is set.
+  qwen2 = {**_hf_config("qwen2"), "sliding_window": 16}
+  assert hf.config_from_hf(qwen2).sliding_window is None
+  with pytest.raises(ValueError, match="sliding-window attention shorter"):
+    hf.config_from_hf({**qwen2, "use_sliding_window": True})
+
+
+def test_missing_unexpected_and_misshaped_tensors(tmp_path):
+  path = _copy("mistral", tmp_path)
+  tensors = load_file(path / "model.safetensors")
+
+  def write(t):
+    save_file(t, path / "model.safetensors", metadata={"format": "pt"})
+
+  write({k: v for k, v in tensors.items()
+         if k != "model.layers.1.mlp.up_proj.weight"})
+  with pytest.raises(ValueError, match=r"missing tensor "
+                     r"'model.layers.1.mlp.up_proj.weight'"):
+    hf.load_pretrained(path)
+  write({**tensors, "model.layers.0.self_attn.q_norm.weight":
+         np.ones(8, np.float32)})
+  with pytest.raises(ValueError, match=r"unexpected tensors "
+                     r"\['model.layers.0.self_attn.q_norm.weight'\]"):
+    hf.load_pretrained(path)
+  write({**tensors, "model.norm.weight": np.ones(16, np.float32)})
+  with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \[16\],"
+                     r" the config implies \[32\]"):
+    hf.load_pretrained(path)
+  (path / "model.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match="neither model.safetensors nor "
+                     "model.safetensors.index.json"):
+    hf.load_pretrained(path)
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    hf.load_pretrained(tmp_path / "nowhere")
+
+
+def test_config_to_hf_architecture_errors():
+  config = hf.config_from_hf(_hf_config("llama2"))
+  assert hf.config_to_hf(config, "MistralForCausalLM")["model_type"] == (
+      "mistral")
+  with pytest.raises(ValueError, match="unsupported `architecture` 'Foo'"):
+    hf.config_to_hf(config, "Foo")
+  with pytest.raises(ValueError, match="q/k/v biases are supported as "
+                     "Qwen2ForCausalLM only"):
+    hf.config_to_hf(config, "Qwen2ForCausalLM")
+
+
+def test_eos_token_ids(tmp_path):
+  assert hf.eos_token_ids(FIXTURES / "llama3") == (2, 3)
+  assert hf.eos_token_ids(FIXTURES / "llama2") == (2,)
+  assert hf.eos_token_ids(tmp_path) == ()
+
+
+def test_roundtrip_record_of_transformers():
+  record = json.loads((FIXTURES / "roundtrip.json").read_text())
+  assert set(record["fixtures"]) == set(NAMES)
+  for result in record["fixtures"].values():
+    assert result["weights_identical"]
+    assert result["max_abs_logits_diff"] <= 1e-5
+
+
+def test_fixtures_are_small():
+  total = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
+  assert total < 1_000_000, total
