@@ -354,3 +354,32 @@ class TestData:
     batches = sft.eval_row_batches(data.eval, 4)
     assert sum(b.loss_mask.sum() for b in batches) == data.eval.num_target_tokens
     assert len(batches) == -(-data.eval.num_rows // 4)
+
+
+def test_packed_rows_give_each_example_its_own_logits():
+  """Through the model, an example packed with others (segment ids,
+  restarting positions) has the logits it has alone: no attention across
+  examples."""
+  import jax
+  from flax import nnx
+  from apollo_lm import model as model_lib
+  from apollo_lm.configs import get_config
+
+  config = get_config("tiny", vocab_size=300, hidden_size=32, num_heads=2,
+                      intermediate_size=48, num_layers=2, max_seq_len=24,
+                      num_kv_heads=1, head_dim=16)
+  model = model_lib.Llama(config, rngs=nnx.Rngs(0))
+  examples = _examples([9, 5, 12, 7, 4, 6], seed=3)
+  rows = sft.pack_examples(examples, 24, seed=1)
+  assert rows.segment_ids.max() > 1  # several examples share a row
+  packed = model(jax.numpy.asarray(rows.inputs),
+                 segment_ids=jax.numpy.asarray(rows.segment_ids),
+                 positions=jax.numpy.asarray(rows.positions))
+  checked = 0
+  for r in range(rows.num_rows):
+    for s in range(1, rows.segment_ids[r].max() + 1):
+      where = np.flatnonzero(rows.segment_ids[r] == s)
+      alone = model(jax.numpy.asarray(rows.inputs[r, where][None]))
+      np.testing.assert_allclose(packed[r, where], alone[0], atol=2e-5)
+      checked += 1
+  assert checked == len(examples)
