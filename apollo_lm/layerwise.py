@@ -27,6 +27,12 @@ only one layer's gradient exists at a time:
    ``matrix_index_offset=l`` and writes both back in place;
 4. the embedding is updated last, from the cotangent of ``x_0``.
 
+With tied embeddings (``config.tie_embeddings``, no ``lm_head``) the head
+group is ``final_norm`` alone; the head's gradient with respect to the
+embedding is kept (one embedding-sized buffer through step 3) and added to the
+input side's in step 4, so the embedding is still updated once, with its full
+gradient.
+
 Peak memory holds one layer's gradient (and one layer's recomputed
 activations) instead of the whole model's gradient. For transformations that
 act leaf by leaf and matrix by matrix (AdamW, APOLLO, APOLLO-Mini, the
@@ -105,13 +111,16 @@ class LayerwiseState(NamedTuple):
 
 
 def split_params(params: Any) -> tuple[Any, Any, Any]:
-  """(embed, layers, head) sub-dicts of the Llama parameter dict."""
+  """(embed, layers, head) sub-dicts of the Llama parameter dict.
+
+  A model with tied embeddings has no ``lm_head``: its head is ``final_norm``.
+  """
   expected = set(EMBED_KEYS + LAYER_KEYS + HEAD_KEYS)
-  if set(params) != expected:
+  if set(params) not in (expected, expected - {"lm_head"}):
     raise ValueError(
-        f"layer-wise step: expected the Llama parameter keys {sorted(expected)},"
-        f" got {sorted(params)}.")
-  pick = lambda keys: {k: params[k] for k in keys}
+        f"layer-wise step: expected the Llama parameter keys {sorted(expected)}"
+        f" (without lm_head when tied), got {sorted(params)}.")
+  pick = lambda keys: {k: params[k] for k in keys if k in params}
   return pick(EMBED_KEYS), pick(LAYER_KEYS), pick(HEAD_KEYS)
 
 
@@ -207,7 +216,8 @@ def make_layerwise_train_step(config: LlamaConfig,
   embed_def = nnx.graphdef(abstract.embed)
   block_def = nnx.graphdef(abstract.layers)
   norm_def = nnx.graphdef(abstract.final_norm)
-  head_def = nnx.graphdef(abstract.lm_head)
+  tied = config.tie_embeddings
+  head_def = None if tied else nnx.graphdef(abstract.lm_head)
   tx = optax.with_extra_args_support(tx)
   num_layers = config.num_layers
 
@@ -217,10 +227,14 @@ def make_layerwise_train_step(config: LlamaConfig,
   def block(weights, x):
     return nnx.merge(block_def, weights)(x)
 
-  def head_loss(head, x, targets):
+  def head_loss(head, embed, x, targets):
     norm = nnx.merge(norm_def, head["final_norm"])
-    lm_head = nnx.merge(head_def, head["lm_head"])
-    logits = lm_head(norm(x)).astype(jnp.float32)
+    if tied:
+      embedding = nnx.merge(embed_def, embed["embed"]).embedding[...]
+      logits = model_lib.tied_logits(norm(x), embedding, config.dtype)
+    else:
+      lm_head = nnx.merge(head_def, head["lm_head"])
+      logits = lm_head(norm(x)).astype(jnp.float32)
     return model_lib.cross_entropy_loss(logits, targets)
 
   def update(grads, state, params, **extra):
@@ -241,9 +255,14 @@ def make_layerwise_train_step(config: LlamaConfig,
     x_last, saved = jax.lax.scan(forward, x0, layers["layers"])
 
     # 2. Head: loss, gradient, update.
-    loss, head_vjp = jax.vjp(
-        lambda h, x: head_loss(h, x, targets), head, x_last)
-    head_grads, dx = head_vjp(jnp.ones_like(loss))
+    if tied:
+      loss, head_vjp = jax.vjp(
+          lambda h, e, x: head_loss(h, e, x, targets), head, embed, x_last)
+      head_grads, embed_head_grads, dx = head_vjp(jnp.ones_like(loss))
+    else:
+      loss, head_vjp = jax.vjp(
+          lambda h, x: head_loss(h, None, x, targets), head, x_last)
+      head_grads, dx = head_vjp(jnp.ones_like(loss))
     head, head_state = update(head_grads, opt_state.head, head)
 
     # 3. Blocks, last to first: recompute, VJP, update layer l in place.
@@ -265,6 +284,8 @@ def make_layerwise_train_step(config: LlamaConfig,
 
     # 4. Embedding.
     (embed_grads,) = embed_vjp(dx)
+    if tied:
+      embed_grads = jax.tree.map(jnp.add, embed_grads, embed_head_grads)
     embed, embed_state = update(embed_grads, opt_state.embed, embed)
 
     new_params = {**embed, "layers": stack, **head}

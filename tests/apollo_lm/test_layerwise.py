@@ -22,6 +22,10 @@ SMALL = configs.LlamaConfig(
     name="test", hidden_size=32, intermediate_size=64, num_heads=4,
     num_layers=2, vocab_size=64, max_seq_len=32, dtype=jnp.float32,
     remat=True)
+# Checkpoint-family features: the head is the transposed embedding, q/k/v
+# biases, grouped-query attention.
+TIED = dataclasses.replace(SMALL, tie_embeddings=True, qkv_bias=True,
+                           num_kv_heads=2)
 
 
 def _params(config: configs.LlamaConfig, seed: int = 0):
@@ -79,9 +83,12 @@ def test_matrix_index_offset_draws_the_stack_projection():
       assert not np.allclose(unshifted["layers"]["w"], full["layers"]["w"][l])
 
 
-@pytest.mark.parametrize("name", ["adamw", "apollo", "apollo_mini"])
-def test_layerwise_matches_ordinary_step(name):
-  graphdef, params = _params(SMALL)
+@pytest.mark.parametrize("name, config", [
+    ("adamw", SMALL), ("apollo", SMALL), ("apollo_mini", SMALL),
+    ("apollo", TIED)])
+def test_layerwise_matches_ordinary_step(name, config):
+  graphdef, params = _params(config)
+  assert ("lm_head" in params) == (not config.tie_embeddings)
   schedule = optax.linear_schedule(1e-2, 5e-3, 4)
   tx = {
       "adamw": optax.adamw(schedule, weight_decay=0.1),
@@ -91,7 +98,7 @@ def test_layerwise_matches_ordinary_step(name):
       "apollo_mini": apollo_optax.apollo_mini(schedule, update_proj_gap=2),
   }[name]
   ordinary = jax.jit(_ordinary_step(graphdef, tx))
-  lw = jax.jit(layerwise.make_layerwise_train_step(SMALL, tx))
+  lw = jax.jit(layerwise.make_layerwise_train_step(config, tx))
   p1, s1 = params, jax.jit(tx.init)(params)
   p2, s2 = params, jax.jit(layerwise.init_layerwise_state,
                            static_argnums=0)(tx, params)
