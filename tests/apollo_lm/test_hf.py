@@ -8,6 +8,7 @@ folders with the same weights and logits.
 
 import json
 import pathlib
+import re
 import shutil
 
 from flax import nnx
@@ -182,13 +183,8 @@ def _params_raw(model) -> dict[str, jax.Array]:
      "unsupported `layer_types`"),
 ])
 def test_unsupported_llama_config_features(change, message):
-  with pytest.raises(ValueError, match=re_escape(message)):
+  with pytest.raises(ValueError, match=re.escape(message)):
     hf.config_from_hf({**_hf_config("llama3"), **change})
-
-
-def re_escape(text: str) -> str:
-  import re  # pylint: disable=g-import-not-at-top
-  return re.escape(text)
 
 
 def test_sliding_window_shorter_than_sequence_is_an_error():

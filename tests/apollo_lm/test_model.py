@@ -538,11 +538,10 @@ def test_variant_param_tree(variant):
     if config.qkv_bias:
       assert params[key].get_metadata()["out_sharding"] == (None, "tensor")
       np.testing.assert_array_equal(params[key][...], 0.0)
-  expected = (2 * (not config.tie_embeddings) * 0 + (
-      config.vocab_size * d * (1 if config.tie_embeddings else 2)) + d
-              + n * (2 * d * dq + 2 * d * dkv + 3 * d *
-                     config.intermediate_size + 2 * d
-                     + config.qkv_bias * (dq + 2 * dkv)))
+  embeddings = config.vocab_size * d * (1 if config.tie_embeddings else 2)
+  per_layer = (2 * d * dq + 2 * d * dkv + 3 * d * config.intermediate_size
+               + 2 * d + config.qkv_bias * (dq + 2 * dkv))
+  expected = embeddings + n * per_layer + d
   assert model_lib.count_params(config) == expected
 
 
