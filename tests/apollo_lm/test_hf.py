@@ -258,3 +258,36 @@ def test_roundtrip_record_of_transformers():
 def test_fixtures_are_small():
   total = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
   assert total < 1_000_000, total
+
+
+def test_load_streams_one_stacked_leaf_at_a_time(monkeypatch):
+  """Every leaf goes to its devices before the next leaf's tensors are read,
+  so host memory holds one (stacked) leaf, not the model."""
+  events = []
+  get, put = hf._Reader.get, hf.jax.device_put  # pylint: disable=protected-access
+
+  def spy_get(self, name):
+    events.append(("read", name))
+    return get(self, name)
+
+  def spy_put(value, *args, **kwargs):
+    events.append(("put", value.shape))
+    return put(value, *args, **kwargs)
+
+  monkeypatch.setattr(hf._Reader, "get", spy_get)  # pylint: disable=protected-access
+  monkeypatch.setattr(hf.jax, "device_put", spy_put)
+  model, config = hf.load_pretrained(FIXTURES / "llama2")
+  monkeypatch.undo()
+  params = _params(model)
+  puts = [i for i, e in enumerate(events) if e[0] == "put"]
+  assert len(puts) == len(params)
+  start = 0
+  for stop in puts:
+    reads = [name for kind, name in events[start:stop]]
+    # Only one leaf's tensors between two placements: one global tensor, or
+    # the same tensor of each of the L layers.
+    kinds = {name.split(".", 3)[-1] if name.startswith("model.layers.")
+             else name for name in reads}
+    assert len(kinds) == 1, reads
+    assert len(reads) in (1, config.num_layers), reads
+    start = stop + 1
