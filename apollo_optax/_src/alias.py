@@ -86,6 +86,8 @@ def apollo(
     eps: float = 1e-6,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[MaskOrFn] = None,
+    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    adam_weight_decay: Optional[float] = None,
     lowrank_mask: Optional[MaskOrFn] = None,
     projection: Union[str, proj.ProjectionFn] = "gaussian",
     seed: int = 0,
@@ -104,7 +106,10 @@ def apollo(
   - then, for all leaves, bias correction
     :math:`\sqrt{1-b_2^t}/(1-b_1^t)`, decoupled weight decay on the pre-update
     parameters, and the learning rate:
-    :math:`\Delta\theta = -\eta_t (U \sqrt{1-b_2^t}/(1-b_1^t) + \lambda\theta)`.
+    :math:`\Delta\theta = -\eta_t (U \sqrt{1-b_2^t}/(1-b_1^t) + \lambda\theta)`,
+    where the AdamW leaves use ``adam_learning_rate`` and
+    ``adam_weight_decay`` for :math:`\eta_t` and :math:`\lambda` when they
+    are given (as ``optax.contrib.muon``).
 
   This reproduces ``APOLLOAdamW`` of the official ``apollo-torch`` 1.0.3, except
   that weight decay uses the pre-update parameters (as ``optax.adamw``; the
@@ -139,6 +144,11 @@ def apollo(
     weight_decay: decoupled weight decay λ (as ``optax.adamw``).
     weight_decay_mask: which leaves are decayed (pytree of bools or callable);
       None: all.
+    adam_learning_rate: learning rate (float or schedule) of the leaves that
+      get AdamW (embeddings, head, norms, biases: not ``lowrank_mask``); None:
+      ``learning_rate``. At small scale it decides much of the result.
+    adam_weight_decay: weight decay of those leaves (within
+      ``weight_decay_mask``); None: ``weight_decay``.
     lowrank_mask: which leaves get APOLLO (pytree of bools or callable); None:
       :func:`default_lowrank_mask`. Leaves whose ``weight_dimension_numbers``
       are None stay on Adam too.
@@ -158,9 +168,16 @@ def apollo(
   utils.check_real(
       "weight_decay", weight_decay, lambda v: v >= 0.0, ">= 0"
   )
-  if not callable(learning_rate):
+  utils.check_learning_rate("learning_rate", learning_rate)
+  if adam_learning_rate is None:
+    adam_learning_rate = learning_rate
+  else:
+    utils.check_learning_rate("adam_learning_rate", adam_learning_rate)
+  if adam_weight_decay is None:
+    adam_weight_decay = weight_decay
+  else:
     utils.check_real(
-        "learning_rate", learning_rate, lambda v: v >= 0.0, ">= 0 or a schedule"
+        "adam_weight_decay", adam_weight_decay, lambda v: v >= 0.0, ">= 0"
     )
 
   def dims_fn(tree):
@@ -211,8 +228,21 @@ def apollo(
           labels,
       ),
       adam.scale_by_adam_bias_correction(b1, b2),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      optax.partition(
+          {
+              "apollo": optax.chain(
+                  optax.add_decayed_weights(weight_decay, weight_decay_mask),
+                  optax.scale_by_learning_rate(learning_rate),
+              ),
+              "adam": optax.chain(
+                  optax.add_decayed_weights(
+                      adam_weight_decay, weight_decay_mask
+                  ),
+                  optax.scale_by_learning_rate(adam_learning_rate),
+              ),
+          },
+          labels,
+      ),
   )
 
 
@@ -228,6 +258,8 @@ def apollo_mini(
     eps: float = 1e-6,
     weight_decay: float = 0.0,
     weight_decay_mask: Optional[MaskOrFn] = None,
+    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    adam_weight_decay: Optional[float] = None,
     lowrank_mask: Optional[MaskOrFn] = None,
     projection: Union[str, proj.ProjectionFn] = "gaussian",
     seed: int = 0,
@@ -267,6 +299,8 @@ def apollo_mini(
       eps=eps,
       weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask,
+      adam_learning_rate=adam_learning_rate,
+      adam_weight_decay=adam_weight_decay,
       lowrank_mask=lowrank_mask,
       projection=projection,
       seed=seed,

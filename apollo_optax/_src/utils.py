@@ -42,6 +42,36 @@ def check_real(
     raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
 
 
+# Steps at which a learning-rate schedule is checked at construction: the
+# start, and points past a typical warm-up (a warm-up from 0 to a negative
+# peak is 0 at step 0).
+SCHEDULE_PROBE_STEPS = (0, 1, 10, 100, 1_000, 10_000)
+
+
+def check_learning_rate(name: str, value: Any) -> None:
+  """Refuses a negative learning rate or a schedule that returns one.
+
+  A float must be >= 0; a schedule is evaluated at
+  :data:`SCHEDULE_PROBE_STEPS` and every value it returns there must be >= 0.
+  Traced values (under ``optax.inject_hyperparams``) are not checked.
+
+  Raises:
+    ValueError: naming ``name``, the offending value and, for a schedule, the
+      step.
+  """
+  if not callable(value):
+    check_real(name, value, lambda v: v >= 0.0, ">= 0 or a schedule")
+    return
+  for step in SCHEDULE_PROBE_STEPS:
+    v = concrete_float(value(jnp.asarray(step, jnp.int32)))
+    if v is not None and not v >= 0.0:
+      raise ValueError(
+          f"`{name}` is a schedule whose value at step {step} is {v}; a"
+          " learning rate must be >= 0 at every step (to maximise an"
+          " objective, minimise its negative)."
+      )
+
+
 def check_static_int(name: str, value: Any, minimum: int) -> int:
   """Returns ``value`` as an int >= ``minimum`` or raises a clear error."""
   if isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):

@@ -9,7 +9,7 @@ must agree on.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -19,6 +19,10 @@ ProjectionFor = Callable[[str, int, int, int, int], np.ndarray]
 
 @dataclasses.dataclass
 class ReferenceConfig:
+  """Hyperparameters; ``adam_lr`` / ``adam_weight_decay`` (None: ``lr`` /
+  ``weight_decay``) apply to the leaves outside ``lowrank``; a learning rate
+  may be a function of the step index t - 1 (a schedule)."""
+
   lr: float
   rank: int
   scale_type: str = "channel"
@@ -30,6 +34,12 @@ class ReferenceConfig:
   b2: float = 0.999
   eps: float = 1e-6
   weight_decay: float = 0.0
+  adam_lr: Union[None, float, Callable[[int], float]] = None
+  adam_weight_decay: Optional[float] = None
+
+
+def _at(lr, step):
+  return float(lr(step)) if callable(lr) else lr
 
 
 class _Matrix:
@@ -128,7 +138,13 @@ class ReferenceApollo:
         mu[...] = c.b1 * mu + (1 - c.b1) * g
         nu[...] = c.b2 * nu + (1 - c.b2) * g * g
         direction = mu / (np.sqrt(nu) + c.eps)
-      updates[key] = -c.lr * direction * correction - c.lr * c.weight_decay * param
+      lr, decay = _at(c.lr, self.t - 1), c.weight_decay
+      if key not in self.lowrank:
+        if c.adam_lr is not None:
+          lr = _at(c.adam_lr, self.t - 1)
+        if c.adam_weight_decay is not None:
+          decay = c.adam_weight_decay
+      updates[key] = -lr * direction * correction - lr * decay * param
     for key in self.params:
       self.params[key] = self.params[key] + updates[key]
     return updates

@@ -190,3 +190,121 @@ def test_lowrank_mask_override_and_callable():
     assert isinstance(apollo_state.mu["b"], optax.MaskedNode)
     adam_state = optax.tree.get(state, "ScaleByAdamMomentsState")
     assert adam_state.mu["b"].shape == (8, 4)
+
+
+# adam_learning_rate / adam_weight_decay (issue 13 §1): the AdamW leaves
+# ("bias", "embed") move by their own rate and decay, the matrices do not
+# notice. A schedule is checked against the reference at every step.
+def _as_reference_rate(rate):
+  """A schedule evaluated as in the update: jitted, at an int32 step count.
+
+  optax's schedules compute in float32, and jitted float32 arithmetic may
+  round differently (fused multiply-add) from eager.
+  """
+  if not callable(rate):
+    return rate
+  jitted = jax.jit(rate)
+  return lambda step: float(jitted(jnp.asarray(step, jnp.int32)))
+
+
+ADAM_SPLITS = [
+    dict(adam_learning_rate=3e-3),
+    dict(adam_learning_rate=5e-2, adam_weight_decay=0.2),
+    dict(weight_decay=0.1, adam_weight_decay=0.0),
+    dict(adam_learning_rate=optax.linear_schedule(1e-3, 4e-2, 10)),
+]
+
+
+@pytest.mark.parametrize("mini", [False, True], ids=["apollo", "apollo_mini"])
+@pytest.mark.parametrize("split", ADAM_SPLITS, ids=["lr", "lr-decay", "decay-0", "schedule"])
+def test_adam_leaves_move_by_their_own_rate_and_decay(split, mini):
+  split = dict(split)
+  with jax.enable_x64(True):
+    params, grads = _problem(seed=2)
+    if mini:
+      tx = apollo_optax.apollo_mini(1e-2, update_proj_gap=GAP, **split)
+      config = dict(rank=1, scale_type="tensor", scale=128.0, scale_front=True)
+    else:
+      tx = apollo_optax.apollo(1e-2, 3, update_proj_gap=GAP, **split)
+      config = dict(rank=3)
+    ref_config = reference.ReferenceConfig(
+        lr=1e-2, gap=GAP, weight_decay=split.pop("weight_decay", 0.0),
+        adam_lr=_as_reference_rate(split.pop("adam_learning_rate", None)),
+        adam_weight_decay=split.pop("adam_weight_decay", None), **config,
+    )
+    actual = _run(tx, params, grads, jnp.float64)
+    expected = _reference_updates(ref_config, params, grads, jnp.float64)
+  _assert_close(actual, expected, rtol=1e-10)
+
+
+def test_adam_learning_rate_leaves_the_matrices_bit_identical():
+  params, grads = _problem()
+  plain = _run(apollo_optax.apollo(1e-2, 3, update_proj_gap=GAP), params, grads, jnp.float32)
+  split = _run(
+      apollo_optax.apollo(1e-2, 3, update_proj_gap=GAP, adam_learning_rate=1e-3),
+      params, grads, jnp.float32,
+  )
+  for key in SHAPES:
+    if key in LOWRANK:
+      np.testing.assert_array_equal(split[key], plain[key], err_msg=key)
+    else:  # Adam: ten times smaller steps (same moments, float32 rounding).
+      np.testing.assert_allclose(split[key], plain[key] / 10, rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("make", [apollo_optax.apollo, apollo_optax.apollo_mini])
+def test_adam_learning_rate_is_an_injectable_hyperparameter(make):
+  static = ("rank", "update_proj_gap") if make is apollo_optax.apollo else ("update_proj_gap",)
+  tx = optax.inject_hyperparams(make, static_args=static)(
+      learning_rate=1e-2, adam_learning_rate=optax.linear_schedule(2e-3, 0.0, 2)
+  )
+  params = {"w": jnp.ones((16, 8)), "b": jnp.ones(8)}
+  grads = {"w": jnp.full((16, 8), 0.5), "b": jnp.full(8, 0.5)}
+  state = tx.init(params)
+  assert float(state.hyperparams["adam_learning_rate"]) == pytest.approx(2e-3)
+  update = jax.jit(tx.update)
+  moved = []
+  for _ in range(3):
+    u, state = update(grads, state, params)
+    moved.append((float(jnp.max(jnp.abs(u["w"]))), float(jnp.max(jnp.abs(u["b"])))))
+  # The bias follows the schedule (2e-3, 1e-3, 0: an Adam step of size ~lr),
+  # the matrix the main rate.
+  np.testing.assert_allclose([b for _, b in moved], [2e-3, 1e-3, 0.0], rtol=1e-3, atol=1e-9)
+  assert all(w > 1e-4 for w, _ in moved)
+  # A float is set by hand like any injected hyperparameter: 0 freezes the
+  # AdamW leaves only.
+  tx = optax.inject_hyperparams(make, static_args=static)(
+      learning_rate=1e-2, adam_learning_rate=5e-3)
+  state = tx.init(params)
+  state.hyperparams["adam_learning_rate"] = jnp.asarray(0.0)
+  u, _ = tx.update(grads, state, params)
+  assert float(jnp.max(jnp.abs(u["b"]))) == 0.0
+  assert float(jnp.max(jnp.abs(u["w"]))) > 1e-4
+
+
+NEGATIVE_RATES = [
+    (dict(learning_rate=-1e-3), r"`learning_rate` must be >= 0 or a schedule, got -0.001"),
+    (dict(adam_learning_rate=-1.0), r"`adam_learning_rate` must be >= 0 or a schedule, got -1.0"),
+    (dict(adam_learning_rate=float("nan")), r"`adam_learning_rate` must be >= 0"),
+    (dict(adam_learning_rate=lambda step: -0.1 + 0.0 * step),
+     r"`adam_learning_rate` is a schedule whose value at step 0 is -0.1"),
+    (dict(learning_rate=optax.constant_schedule(-1e-2)),
+     r"`learning_rate` is a schedule whose value at step 0 is -0.01"),
+    # A warm-up from 0 to a negative peak is 0 at step 0, negative after.
+    (dict(learning_rate=optax.warmup_cosine_decay_schedule(0.0, -1.0, 10, 100)),
+     r"`learning_rate` is a schedule whose value at step 1 is -0.1"),
+    (dict(adam_weight_decay=-0.1), r"`adam_weight_decay` must be >= 0, got -0.1"),
+]
+
+
+@pytest.mark.parametrize("make", [apollo_optax.apollo, apollo_optax.apollo_mini])
+@pytest.mark.parametrize("kwargs,match", NEGATIVE_RATES, ids=lambda x: str(x)[:40])
+def test_negative_learning_rates_are_refused_with_their_name(kwargs, match, make):
+  kwargs = dict(kwargs)
+  learning_rate = kwargs.pop("learning_rate", 1e-2)
+  with pytest.raises(ValueError, match=match):
+    make(learning_rate, **kwargs)
+
+
+def test_adam_learning_rate_must_be_a_number_or_schedule():
+  with pytest.raises(TypeError, match="`adam_learning_rate` must be a number"):
+    apollo_optax.apollo(1e-2, adam_learning_rate="fast")
