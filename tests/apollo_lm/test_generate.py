@@ -110,3 +110,14 @@ def test_command_line(tmp_path, capsys, llama3):
   ids = [int(t) for t in expected[0]]
   cut = next((j for j, t in enumerate(ids) if t in (2, 3)), len(ids))
   assert words == [f"w{t}" for t in ids[:cut]]
+
+
+def test_generate_on_a_mesh_matches_unsharded(llama3):
+  from apollo_lm import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(1, 4, 2)
+  sharded, _ = hf.load_pretrained(FIXTURES / "llama3", mesh=mesh)
+  prompt = np.load(FIXTURES / "tokens.npy")[:, :5].astype(np.int32)
+  with jax.set_mesh(mesh):
+    new = gen.generate(sharded, prompt, max_new_tokens=6)
+  np.testing.assert_array_equal(
+      new, gen.generate(llama3, prompt, max_new_tokens=6))
