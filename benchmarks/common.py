@@ -189,22 +189,27 @@ def paper_rank(config: LlamaConfig) -> int:
 
 
 def make_tx(name: str, config: LlamaConfig, *, mu_dtype: Any = None,
-            ) -> optax.GradientTransformation:
+            **apollo_options: Any) -> optax.GradientTransformation:
   """The optimizer ``name`` (one of :data:`OPTIMIZERS`) for ``config``.
 
   ``apollo_lm.optimizers.make_optimizer`` with its (the paper's) defaults and
   :func:`paper_rank`; the schedule does not matter here. ``sgd_momentum`` is
   ``optax.sgd(momentum=0.9)``. ``mu_dtype`` (bfloat16 states of APOLLO with
   bfloat16 params, whose moments otherwise stay at least float32) builds
-  ``apollo_optax.apollo``/``apollo_mini`` directly with that moment dtype.
+  ``apollo_optax.apollo``/``apollo_mini`` directly with that moment dtype,
+  and so do ``apollo_options`` (e.g. ``projection="rademacher",
+  projection_dtype=jnp.bfloat16``), which only APOLLO variants take.
   """
   if name == "sgd_momentum":
     return optax.sgd(1e-3, momentum=0.9)
   rank = paper_rank(config) if name in ("apollo", "galore") else None
-  if mu_dtype is not None and name == "apollo":
-    return apollo_optax.apollo(1e-2, rank, mu_dtype=mu_dtype)
-  if mu_dtype is not None and name == "apollo_mini":
-    return apollo_optax.apollo_mini(1e-2, mu_dtype=mu_dtype)
+  if apollo_options and name not in ("apollo", "apollo_mini"):
+    raise ValueError(f"apollo_options {sorted(apollo_options)} are only for"
+                     f" 'apollo' and 'apollo_mini', got {name!r}.")
+  if (mu_dtype is not None or apollo_options) and name == "apollo":
+    return apollo_optax.apollo(1e-2, rank, mu_dtype=mu_dtype, **apollo_options)
+  if (mu_dtype is not None or apollo_options) and name == "apollo_mini":
+    return apollo_optax.apollo_mini(1e-2, mu_dtype=mu_dtype, **apollo_options)
   return optimizers.make_optimizer(name, total_steps=1000, warmup_steps=100,
                                    config=config, rank=rank)
 

@@ -15,7 +15,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SCRIPTS = ("memory", "step_memory", "update_speed", "throughput", "quality")
+SCRIPTS = ("memory", "step_memory", "update_speed", "throughput", "quality",
+           "projection_profile")
 # The quality smoke trains on this repository's own sources.
 QUALITY_DATA = ["--data", "apollo_optax", "apollo_lm"]
 
@@ -96,6 +97,41 @@ def test_update_speed(results):
     assert t["floor_fraction"] == pytest.approx(
         t["floor_s"] / t["best_median_s"])
   assert cfg["timings"]["adamw"]["vs_adamw"] == 1.0
+
+
+def test_projection_profile(results):
+  r = results["projection_profile"]
+  _check_metadata(r["metadata"])
+  assert r["matrices"] == 7 * 4  # 7 stacked kernels of the 4-layer smoke tree
+  for t in r["timings"].values():
+    assert len(t["round_medians_s"]) == 2 and 0 < t["best_median_s"] < 30
+  for dtype in ("f32", "bf16"):
+    assert r["matmul_gflops"][dtype] == pytest.approx(
+        r["product_gflop"] / r["timings"][f"product_{dtype}"]["best_median_s"])
+  passes = r["hlo_passes_over_g"]
+  assert len(passes["apollo"]["passes_per_lowrank_leaf"]) == 7
+  # Every update reads each gradient at least once; APOLLO's product, limiter
+  # norm and update cannot share one pass.
+  for variant in passes.values():
+    assert min(variant["passes_per_lowrank_leaf"].values()) >= 1
+  assert passes["apollo"]["mean"] >= 2
+
+
+def test_gradient_passes_follows_bitcasts():
+  from benchmarks import projection_profile  # pylint: disable=g-import-not-at-top
+  hlo = """HloModule m
+
+ENTRY %main (grads_a: f32[4,4], p: f32[4,4]) -> f32[4,4] {
+  %grads_a = f32[4,4]{1,0} parameter(0)
+  %p = f32[4,4]{1,0} parameter(1)
+  %bitcast.1 = f32[16]{0} bitcast(%grads_a)
+  %fusion.1 = f32[4]{0} fusion(%bitcast.1, %p), kind=kLoop, calls=%c1
+  %fusion.2 = f32[4,4]{1,0} fusion(%p, %grads_a, %fusion.1), kind=kLoop, calls=%c2
+  ROOT %tuple = (f32[4,4]{1,0}) tuple(%fusion.2)
+}
+"""
+  assert projection_profile.gradient_passes(hlo, ["%grads_a", "%p"]) == {
+      "%grads_a": 2, "%p": 2}
 
 
 def test_throughput(results):
