@@ -53,12 +53,35 @@ UPDATES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _matrices(params: Any, grads: Any) -> tuple[list[jax.Array], list[jax.Array]]:
-  """(params, grads) of the low-rank leaves, as (batch, m, n) stacks."""
+def lowrank_matrices(params: Any, grads: Any,
+                     ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """(params, grads) of the default low-rank leaves, as (batch, m, n) stacks."""
   mask = jax.tree.leaves(apollo_optax.default_lowrank_mask(params))
   keep = lambda tree: [x.reshape(-1, *x.shape[-2:])
                        for x, m in zip(jax.tree.leaves(tree), mask) if m]
   return keep(params), keep(grads)
+
+
+def projection_flops(mats_g: list[jax.Array], rank: int) -> int:
+  """2·m·n·r flops of R = G Pᵀ (or P G) per matrix, r clamped to min(m, n)."""
+  return sum(2 * g.size * min(rank, *g.shape[1:]) for g in mats_g)
+
+
+def generate_projections(mats_g: list[jax.Array], rank: int,
+                         generator: Callable[..., jax.Array] = (
+                             proj.gaussian_projection),
+                         ) -> Callable[[jax.Array], list[jax.Array]]:
+  """A jitted ``refresh_index -> [P of every stack]`` (float32, as APOLLO)."""
+
+  def fn(refresh):
+    out = []
+    for i, g in enumerate(mats_g):
+      shape = (min(rank, *g.shape[1:]), min(g.shape[1:]))
+      keys = proj.projection_keys(0, str(i), refresh, g.shape[0])
+      out.append(jax.vmap(lambda k, s=shape: generator(k, s, jnp.float32))(keys))
+    return out
+
+  return jax.jit(fn)
 
 
 def _product(g: jax.Array, p: jax.Array, dtype: Any) -> jax.Array:
@@ -68,9 +91,15 @@ def _product(g: jax.Array, p: jax.Array, dtype: Any) -> jax.Array:
   return jnp.einsum("brm,bmn->brn", p, g, preferred_element_type=jnp.float32)
 
 
-def _timed(fn: Callable[..., Any], make_args: Callable[[], tuple[Any, ...]],
-           calls: int, warmup: int, donated: bool = False,
-           ) -> Callable[[int], list[float]]:
+def products(dtype: Any) -> Callable[..., list[jax.Array]]:
+  """A jitted ``(gs, ps) -> [R]``: the projections with ``dtype`` inputs
+  (the cast of G included) and float32 accumulation."""
+  return jax.jit(lambda gs, ps: [_product(g, p, dtype) for g, p in zip(gs, ps)])
+
+
+def timed(fn: Callable[..., Any], make_args: Callable[[], tuple[Any, ...]],
+          calls: int, warmup: int, donated: bool = False,
+          ) -> Callable[[int], list[float]]:
   """A runner for :func:`common.interleaved_medians`.
 
   With ``donated`` the first argument is donated and replaced by the result
@@ -158,22 +187,8 @@ def measure(config_name: str, rounds: int, calls: int, warmup: int,
       jax.tree.structure(params),
       [1e-3 * jax.random.normal(k, p.shape, p.dtype)
        for k, p in zip(keys, jax.tree.leaves(params))])
-  mats_p, mats_g = _matrices(params, grads)
-  ranks = [min(rank, *g.shape[1:]) for g in mats_g]
-  dims = [min(g.shape[1:]) for g in mats_g]
-
-  def generate(generator):
-    def fn(refresh):
-      return [jax.vmap(lambda k, r=r, d=d: generator(k, (r, d), jnp.float32))(
-          proj.projection_keys(0, str(i), refresh, g.shape[0]))
-              for i, (g, r, d) in enumerate(zip(mats_g, ranks, dims))]
-    return jax.jit(fn)
-
-  ps = generate(proj.gaussian_projection)(jnp.int32(0))
-  products = {
-      dtype: jax.jit(lambda gs, ps, dtype=dtype: [
-          _product(g, p, dtype) for g, p in zip(gs, ps)])
-      for dtype in (jnp.float32, jnp.bfloat16)}
+  mats_p, mats_g = lowrank_matrices(params, grads)
+  ps = generate_projections(mats_g, rank)(jnp.int32(0))
   factors = [jnp.ones((g.shape[0], g.shape[1] if g.shape[1] >= g.shape[2]
                        else 1, 1 if g.shape[1] >= g.shape[2] else g.shape[2]))
              for g in mats_g]
@@ -187,18 +202,19 @@ def measure(config_name: str, rounds: int, calls: int, warmup: int,
   copy_list = lambda: [p + 0.0 for p in mats_p]
 
   runners = {
-      "copy": _timed(copy, lambda: (jnp.zeros(COPY_BYTES // 4),), calls,
-                     warmup, donated=True),
-      "gen_gaussian": _timed(generate(proj.gaussian_projection),
-                             lambda: (jnp.int32(1),), calls, warmup),
-      "gen_rademacher": _timed(generate(proj.rademacher_projection),
-                               lambda: (jnp.int32(1),), calls, warmup),
-      "product_f32": _timed(products[jnp.float32], lambda: (mats_g, ps),
+      "copy": timed(copy, lambda: (jnp.zeros(COPY_BYTES // 4),), calls,
+                    warmup, donated=True),
+      "gen_gaussian": timed(generate_projections(mats_g, rank),
+                            lambda: (jnp.int32(1),), calls, warmup),
+      "gen_rademacher": timed(
+          generate_projections(mats_g, rank, proj.rademacher_projection),
+          lambda: (jnp.int32(1),), calls, warmup),
+      "product_f32": timed(products(jnp.float32), lambda: (mats_g, ps),
+                           calls, warmup),
+      "product_bf16": timed(products(jnp.bfloat16), lambda: (mats_g, ps),
                             calls, warmup),
-      "product_bf16": _timed(products[jnp.bfloat16], lambda: (mats_g, ps),
-                             calls, warmup),
-      "norm_pass": _timed(norm_pass, lambda: (mats_g,), calls, warmup),
-      "apply_pass": _timed(apply_pass, lambda: (copy_list(), mats_g, factors),
+      "norm_pass": timed(norm_pass, lambda: (mats_g,), calls, warmup),
+      "apply_pass": timed(apply_pass, lambda: (copy_list(), mats_g, factors),
                            calls, warmup, donated=True),
   }
   for variant, (name, options) in UPDATES.items():
@@ -221,7 +237,7 @@ def measure(config_name: str, rounds: int, calls: int, warmup: int,
   timings = common.interleaved_medians(runners, rounds)
   load_after = os.getloadavg()
   best = {k: v["best_median_s"] for k, v in timings.items()}
-  flops = sum(2 * g.size * r for g, r in zip(mats_g, ranks))
+  flops = projection_flops(mats_g, rank)
   g_bytes = sum(g.size * 4 for g in mats_g)
   bandwidth = 2 * COPY_BYTES / best["copy"]
   return {

@@ -9,7 +9,13 @@ warms up, then times ``--calls`` updates); per round the median call, over
 rounds the best median. A donated ``x + 1`` copy measures the memory bandwidth
 in the same rounds, and each optimizer's minimal memory traffic
 (:func:`traffic_bytes`) divided by it gives a bandwidth floor and the fraction
-of it achieved.
+of it achieved. For APOLLO rows the projection's matmul rate, measured in the
+same rounds (every R = G Pᵀ of the tree at its rank, float32 and bfloat16
+inputs), adds the product's time to the floor.
+
+Issue 12's fast projection: ``apollo_rademacher`` (``projection=
+"rademacher"``), ``apollo_bf16`` (``projection_dtype=jnp.bfloat16``),
+``apollo_fast`` (both), and the same three for ``apollo_mini``.
 
 With ``--torch-python .venv-torch/bin/python`` (``make bench-torch``) the
 official ``apollo_torch.APOLLOAdamW`` (and ``torch.optim.AdamW``) on the same
@@ -19,6 +25,8 @@ rounds (see ``update_speed_torch.py``).
 Usage::
 
   python -m benchmarks.update_speed [--configs 60m 130m 350m]
+  python -m benchmarks.update_speed --configs 60m --variants adamw apollo \
+      apollo_fast apollo_mini apollo_mini_fast --out-name update_speed_fast
   python -m benchmarks.update_speed --configs 60m \
       --torch-python .venv-torch/bin/python --out-name update_speed_torch
 """
@@ -40,6 +48,7 @@ import apollo_optax
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 from benchmarks import common
+from benchmarks import projection_profile
 
 # name -> optimizer of common.make_tx; "galore_refresh" is GaLore with its
 # counters reset before every update, so every timed update runs the SVDs.
@@ -51,6 +60,16 @@ VARIANTS: dict[str, str] = {
     "galore_refresh": "galore",
     "adafactor": "adafactor",
 }
+# Issue 12's fast projection options: variant -> apollo_optax options.
+OPTIONS: dict[str, dict[str, Any]] = {}
+for _base in ("apollo", "apollo_mini"):
+  for _suffix, _options in (
+      ("rademacher", {"projection": "rademacher"}),
+      ("bf16", {"projection_dtype": jnp.bfloat16}),
+      ("fast", {"projection": "rademacher", "projection_dtype": jnp.bfloat16}),
+  ):
+    VARIANTS[f"{_base}_{_suffix}"] = _base
+    OPTIONS[f"{_base}_{_suffix}"] = _options
 GAP = 200
 COPY_BYTES = 256 * 2**20
 TORCH_WORKER = pathlib.Path(__file__).with_name("update_speed_torch.py")
@@ -98,7 +117,7 @@ def traffic_bytes(variant: str, params: Any, rank: int) -> int:
 def _jax_runner(config: LlamaConfig, variant: str, params: Any, grads: Any,
                 calls: int, warmup: int) -> Callable[[int], list[float]]:
   """A runner for :func:`common.interleaved_medians` timing one variant."""
-  tx = common.make_tx(VARIANTS[variant], config)
+  tx = common.make_tx(VARIANTS[variant], config, **OPTIONS.get(variant, {}))
   plain_step = common.make_update_step(tx)
 
   def update_step(params, state, grads):
@@ -186,6 +205,16 @@ def measure(config: LlamaConfig, variants: list[str], rounds: int, calls: int, w
        for k, p in zip(keys, jax.tree.leaves(params))])
   rank = common.paper_rank(config)
   runners = {"copy_256MiB": _copy_runner(calls)}
+  # The projections' matmul rate in the same rounds (R = G Pᵀ of every
+  # low-rank matrix at the tree's rank; float32, and bfloat16 inputs).
+  lowrank = any(VARIANTS[v] in ("apollo", "apollo_mini") for v in variants)
+  if lowrank:
+    _, mats_g = projection_profile.lowrank_matrices(params, grads)
+    ps = projection_profile.generate_projections(mats_g, rank)(jnp.int32(0))
+    for dtype, name in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16")):
+      runners[f"matmul_{name}"] = projection_profile.timed(
+          projection_profile.products(dtype), lambda: (mats_g, ps), calls,
+          warmup)
   for variant in variants:
     # Every GaLore refresh call runs the SVDs: fewer calls, one warm-up.
     refresh = variant == "galore_refresh"
@@ -203,6 +232,12 @@ def measure(config: LlamaConfig, variants: list[str], rounds: int, calls: int, w
     if worker:
       worker.close()
   bandwidth = 2 * COPY_BYTES / timings.pop("copy_256MiB")["best_median_s"]
+  matmul_gflops = {}
+  if lowrank:
+    flops = projection_profile.projection_flops(mats_g, rank)
+    for name in ("f32", "bf16"):
+      matmul_gflops[name] = (
+          flops / timings.pop(f"matmul_{name}")["best_median_s"] / 1e9)
   adamw = timings["adamw"]["best_median_s"]
   if "galore" in timings and "galore_refresh" in timings:
     steady = timings["galore"]["best_median_s"]
@@ -215,11 +250,25 @@ def measure(config: LlamaConfig, variants: list[str], rounds: int, calls: int, w
     base = variant.removeprefix("torch_")
     base = "galore" if base.startswith("galore") else base
     if base in VARIANTS:
-      t["traffic_bytes"] = traffic_bytes(base, params, rank)
+      t["traffic_bytes"] = traffic_bytes(VARIANTS[base], params, rank)
       t["floor_s"] = t["traffic_bytes"] / bandwidth
       t["floor_fraction"] = t["floor_s"] / t["best_median_s"]
+    if not variant.startswith("torch_") and VARIANTS.get(variant) in (
+        "apollo", "apollo_mini"):
+      # Plus the projection at the matmul rate measured in this run (its
+      # flops at rank 1 are 2 per parameter: negligible).
+      r = 1 if VARIANTS[variant] == "apollo_mini" else rank
+      dtype = ("bf16" if OPTIONS.get(variant, {}).get("projection_dtype")
+               is not None else "f32")
+      t["matmul_s"] = projection_profile.projection_flops(mats_g, r) / (
+          matmul_gflops[dtype] * 1e9)
+      t["floor_with_matmul_s"] = t["floor_s"] + t["matmul_s"]
+      t["floor_with_matmul_fraction"] = (
+          t["floor_with_matmul_s"] / t["best_median_s"])
   result = {"params": sum(p.size for p in jax.tree.leaves(params)),
             "rank": rank, "copy_bandwidth_gbs": bandwidth / 1e9,
+            "matmul_gflops": matmul_gflops,
+            "load_average_after": os.getloadavg(),
             "timings": timings}
   if worker:
     result["torch"] = worker.info
@@ -230,7 +279,9 @@ def measure(config: LlamaConfig, variants: list[str], rounds: int, calls: int, w
   return result
 
 
-TARGETS = {"apollo_mini": 0.85, "apollo": 1.2}
+TARGETS = {"apollo_mini": 0.85, "apollo": 1.2, "apollo_fast": 1.3,
+           "apollo_mini_rademacher": 0.85, "apollo_mini_bf16": 0.85,
+           "apollo_mini_fast": 0.85}
 
 
 def report(results: dict[str, Any]) -> str:
@@ -248,13 +299,24 @@ def report(results: dict[str, Any]) -> str:
           f"{t['traffic_bytes'] / 1e6:.0f}" if "traffic_bytes" in t else "-",
           f"{t['floor_s'] * 1e3:.2f}" if "floor_s" in t else "-",
           f"{t['floor_fraction']:.2f}" if "floor_fraction" in t else "-",
+          f"{t['floor_with_matmul_s'] * 1e3:.2f}"
+          if "floor_with_matmul_s" in t else "-",
+          f"{t['floor_with_matmul_fraction']:.2f}"
+          if "floor_with_matmul_fraction" in t else "-",
           verdict])
     text = (
         f"## {cfg} ({r['params'] / 1e6:.1f}M params, rank {r['rank']}), copy "
-        f"bandwidth {r['copy_bandwidth_gbs']:.1f} GB/s\n\n"
+        f"bandwidth {r['copy_bandwidth_gbs']:.1f} GB/s"
+        + (f", projection matmul {r['matmul_gflops']['f32']:.0f} GFLOP/s "
+           f"float32, {r['matmul_gflops']['bf16']:.0f} GFLOP/s bfloat16 inputs"
+           if r.get("matmul_gflops") else "")
+        + (", load average {:.1f} {:.1f} {:.1f} (1/5/15 min, after)".format(
+            *r["load_average_after"]) if "load_average_after" in r else "")
+        + "\n\n"
         + common.markdown_table(
             ["optimizer", "best median ms", "× AdamW", "traffic MB",
-             "bandwidth floor ms", "floor / measured", "issue target"], rows))
+             "bandwidth floor ms", "floor / measured",
+             "+ matmul floor ms", "floor / measured", "issue target"], rows))
     if "torch" in r:
       text += (
           "\n\napollo_torch / ours (same shapes, torch layout (out, in), "
