@@ -27,6 +27,13 @@ instead of Gaussian projection (and both: the paper's Table 9 grid), no
 norm-growth limiter, and rank 1, 8 and 128 (the main run is rank 32 =
 hidden/4; 128 = full rank at hidden 128). The scale stays 1 at every rank.
 
+Fast projection (issue 12, ``--no-fast`` leaves it out, ``--only-fast`` runs
+only it and the main APOLLO / APOLLO-Mini runs it is compared with): APOLLO and
+APOLLO-Mini with Rademacher projections, with bfloat16 product inputs, and
+with both, on every config and seed of the main table; the report gives each
+one's held-out loss difference to its main run (paired by seed) with its
+spread.
+
 Runs are appended to ``results/quality_runs.jsonl`` as they finish (one JSON
 line each, the train-loss curve and the eval history included), and a rerun
 skips the runs already in the log, so the sweep can be stopped, resumed and
@@ -39,6 +46,7 @@ Usage::
   python -m benchmarks.quality                       # the whole sweep
   python -m benchmarks.quality --configs 20m --no-ablations
   python -m benchmarks.quality --report-only
+  python -m benchmarks.quality --configs tiny --only-fast   # issue 12's rows
   python -m benchmarks.quality --c4 --steps 10000 --batch-size 512 --seq-len 256
       # the paper's setting on C4 (streamed, T5 tokenizer; a GPU job)
 
@@ -79,6 +87,13 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "apollo_rank8": {"rank": 8},
     "apollo_rank128": {"rank": 128},
 }
+# Issue 12's fast projection, for APOLLO and APOLLO-Mini on every config of
+# the main table: name suffix -> train() flags on top of the main run's.
+FAST: dict[str, dict[str, Any]] = {
+    "rademacher": {"projection": "rademacher"},
+    "bf16": {"projection_dtype": "bfloat16"},
+    "fast": {"projection": "rademacher", "projection_dtype": "bfloat16"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +101,7 @@ class Run:
   """One training run of the sweep.
 
   Attributes:
-    group: ``"main"``, ``"control"`` or ``"ablation"``.
+    group: ``"main"``, ``"control"``, ``"ablation"`` or ``"fast"``.
     variant: Name in the tables, e.g. ``"adamw_lr3e-03"`` or
       ``"apollo_svd"``.
     config: Model config name.
@@ -107,7 +122,8 @@ class Run:
 
 
 def plan(configs: Sequence[str], seeds: Sequence[int],
-         adamw_lrs: Sequence[float], ablation_config: str | None) -> list[Run]:
+         adamw_lrs: Sequence[float], ablation_config: str | None,
+         fast: bool = True) -> list[Run]:
   """The runs of the sweep, seed-major so that early stops keep seeds whole."""
   runs = []
   for seed in seeds:
@@ -123,6 +139,13 @@ def plan(configs: Sequence[str], seeds: Sequence[int],
       runs.append(Run("control", "adamw_lr1e-03_nonlowrank1e-02", config, seed,
                       {"optimizer": "adamw", "lr": 1e-3,
                        "non_lowrank_lr": 1e-2}))
+      if fast:
+        for suffix, flags in FAST.items():
+          runs.append(Run("fast", f"apollo_{suffix}", config, seed,
+                          {"optimizer": "apollo", **flags}))
+          runs.append(Run("fast", f"apollo_mini_{suffix}", config, seed,
+                          {"optimizer": "apollo_mini", "scale": hidden / 4,
+                           **flags}))
     if ablation_config is not None:
       for variant, flags in ABLATIONS.items():
         runs.append(Run("ablation", variant, ablation_config, seed,
@@ -247,6 +270,38 @@ def _main_rows(variants: dict[str, Any]) -> list[list[Any]]:
   return rows
 
 
+def _fast_rows(variants: dict[str, Any]) -> list[list[Any]]:
+  """Rows of the fast-projection table, each against its main run."""
+  rows = []
+  for variant, s in sorted(variants.items()):
+    if s["group"] != "fast":
+      continue
+    base = variants.get(s["optimizer"])
+    hp = s["hparams"]
+    row = [variant, hp.get("projection") or "gaussian",
+           hp.get("projection_dtype") or "float32", _loss_cell(s),
+           _seeds_cell(s)]
+    if base is None:
+      rows.append(row + ["(no main run)", "—", "—"])
+      continue
+    paired = dict(zip(base["seeds"], base["eval_losses"]))
+    diffs = [loss - paired[seed]
+             for seed, loss in zip(s["seeds"], s["eval_losses"])
+             if seed in paired]
+    if not diffs:
+      rows.append(row + ["(no common seed)", "—", "—"])
+      continue
+    delta = statistics.fmean(diffs)
+    spread = statistics.stdev(diffs) if len(diffs) > 1 else None
+    bar = base["eval_loss_sd"]
+    row.append(f"{delta:+.4f}" + ("" if spread is None else f" ± {spread:.4f}")
+               + f" ({len(diffs)} seed{'s' * (len(diffs) > 1)})")
+    row.append("—" if bar is None else f"{bar:.4f}")
+    row.append("—" if bar is None else ("yes" if abs(delta) <= bar else "NO"))
+    rows.append(row)
+  return rows
+
+
 def report(records: list[dict[str, Any]], unigram: dict[str, float]
            ) -> tuple[dict[str, Any], str]:
   """The results dict and the Markdown body from the run records."""
@@ -299,6 +354,17 @@ def report(records: list[dict[str, Any]], unigram: dict[str, float]
                        ["variant", "rank", "scaling", "projection", "limiter",
                         "held-out loss", "ppl", "Δ loss vs APOLLO",
                         "per-seed"], rows))
+    fast = _fast_rows(variants)
+    if fast:
+      parts.append(
+          "Fast projection (issue 12; Rademacher signs and/or bfloat16 "
+          "product inputs), against the main run of the same optimizer: Δ is "
+          "the mean of the per-seed differences (same seed = same init, data "
+          "and projection keys) ± their sd; the bar is one seed sd of the "
+          "main run:\n\n" + common.markdown_table(
+              ["variant", "projection", "product dtype", "held-out loss",
+               "per-seed", "Δ loss vs main (± sd)", "main run's seed sd",
+               "within"], fast))
   cpu_hours = sum(r["cpu_s"] for r in records) / 3600
   parts.insert(0, (
       f"{len(records)} runs, {cpu_hours:.2f} CPU-hours in all (user + sys "
@@ -375,6 +441,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--name", default=None,
                       help="report name (default: quality, quality_c4)")
   parser.add_argument("--report-only", action="store_true")
+  fast = parser.add_mutually_exclusive_group()
+  fast.add_argument("--no-fast", action="store_true",
+                    help="leave out the fast-projection rows (issue 12)")
+  fast.add_argument("--only-fast", action="store_true",
+                    help="only the fast-projection rows and the APOLLO /"
+                    " APOLLO-Mini runs they are compared with")
+  parser.add_argument("--variants", nargs="+", default=None,
+                      help="run only these variants (e.g. apollo"
+                      " apollo_fast); the report still uses the whole log")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny at vocab 512, 4 steps, AdamW at two lrs, "
                       "APOLLO, the control, one ablation, one seed")
@@ -404,9 +479,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.data is not None:
       budget["data"] = list(args.data)
   runs = plan(args.configs, args.seeds, args.adamw_lrs,
-              None if args.no_ablations else args.ablation_config)
+              None if args.no_ablations or args.only_fast
+              else args.ablation_config, fast=not args.no_fast)
+  if args.only_fast:
+    runs = [r for r in runs if r.group == "fast"
+            or r.variant in ("apollo", "apollo_mini")]
+  if args.variants is not None:
+    runs = [r for r in runs if r.variant in args.variants]
   if args.smoke:
     runs = [r for r in runs if r.variant not in ("galore", "apollo_mini")
+            and r.group != "fast"
             and (r.group != "ablation" or r.variant == "apollo_no_limiter")]
 
   if not args.report_only:
