@@ -151,17 +151,16 @@ def gradient_passes(hlo_text: str, grad_names: list[str]) -> dict[str, int]:
   return counts
 
 
-def hlo_passes(config: Any, params: Any, grads: Any) -> dict[str, Any]:
+def hlo_passes(config: Any, params: Any, grads: Any, updates: list[str],
+               ) -> dict[str, Any]:
   """Full-size passes over each low-rank gradient in each compiled update."""
   mask = jax.tree.leaves(apollo_optax.default_lowrank_mask(params))
   paths = [jax.tree_util.keystr(path) for path, _ in
            jax.tree_util.tree_flatten_with_path(params)[0]]
   result = {}
-  for variant, (name, options) in UPDATES.items():
-    try:
-      tx = common.make_tx(name, config, **options)
-    except TypeError:  # an option this version does not have
-      continue
+  for variant in updates:
+    name, options = UPDATES[variant]
+    tx = common.make_tx(name, config, **options)
     step = jax.jit(common.make_update_step(tx), donate_argnums=(0, 1))
     state = jax.eval_shape(tx.init, params)
     text = step.lower(params, state, grads).compile().as_text()
@@ -177,7 +176,7 @@ def hlo_passes(config: Any, params: Any, grads: Any) -> dict[str, Any]:
 
 
 def measure(config_name: str, rounds: int, calls: int, warmup: int,
-            ) -> dict[str, Any]:
+            updates: list[str]) -> dict[str, Any]:
   config = get_config(config_name) if config_name != "smoke" else (
       common.smoke_config())
   rank = common.paper_rank(config)
@@ -217,11 +216,9 @@ def measure(config_name: str, rounds: int, calls: int, warmup: int,
       "apply_pass": timed(apply_pass, lambda: (copy_list(), mats_g, factors),
                            calls, warmup, donated=True),
   }
-  for variant, (name, options) in UPDATES.items():
-    try:
-      tx = common.make_tx(name, config, **options)
-    except TypeError:
-      continue
+  for variant in updates:
+    name, options = UPDATES[variant]
+    tx = common.make_tx(name, config, **options)
     update = jax.jit(common.make_update_step(tx), donate_argnums=(0, 1))
 
     def make_args(tx=tx):
@@ -255,7 +252,7 @@ def measure(config_name: str, rounds: int, calls: int, warmup: int,
       },
       "load_average_before_after": [load_before, load_after],
       "timings": timings,
-      "hlo_passes_over_g": hlo_passes(config, params, grads),
+      "hlo_passes_over_g": hlo_passes(config, params, grads, updates),
   }
 
 
@@ -311,14 +308,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--calls", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--updates", nargs="+", default=list(UPDATES),
+                      choices=list(UPDATES),
+                      help="whole updates to time and inspect")
   parser.add_argument("--out-dir", default=str(common.RESULTS_DIR))
   parser.add_argument("--out-name", default="projection_profile")
   parser.add_argument("--smoke", action="store_true",
-                      help="smoke config, 2 rounds of 2 calls (for tests)")
+                      help="smoke config, 2 rounds of 2 calls, AdamW and"
+                      " APOLLO only (for tests)")
   args = parser.parse_args(argv)
   if args.smoke:
     args.config, args.rounds, args.calls, args.warmup = "smoke", 2, 2, 1
-  results = measure(args.config, args.rounds, args.calls, args.warmup)
+    args.updates = ["adamw", "apollo"]
+  results = measure(args.config, args.rounds, args.calls, args.warmup,
+                    args.updates)
   results.update(rounds=args.rounds, calls=args.calls, warmup=args.warmup)
   common.write_results(args.out_name, results, report(results), args.out_dir)
   return results

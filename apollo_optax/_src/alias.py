@@ -93,6 +93,7 @@ def apollo(
     seed: int = 0,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     mu_dtype: Optional[Any] = None,
+    projection_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""APOLLO: SGD-like memory, AdamW-level performance (Zhu et al., 2025).
 
@@ -152,11 +153,15 @@ def apollo(
     lowrank_mask: which leaves get APOLLO (pytree of bools or callable); None:
       :func:`default_lowrank_mask`. Leaves whose ``weight_dimension_numbers``
       are None stay on Adam too.
-    projection: "gaussian", "svd" or a callable, see :func:`scale_by_apollo`.
+    projection: "gaussian", "rademacher", "svd" or a callable, see
+      :func:`scale_by_apollo`. ``"rademacher"`` with
+      ``projection_dtype=jnp.bfloat16`` is the fast path (issue 12).
     seed: seed of the random projections.
     weight_dimension_numbers: which axes form the matrix; None: the last two.
     mu_dtype: dtype of all moments; None: the parameter dtype, at least
       float32.
+    projection_dtype: input dtype of the projection's product (e.g.
+      ``jnp.bfloat16``, accumulated in float32); None: the compute dtype.
 
   Returns:
     A ``GradientTransformation``.
@@ -217,6 +222,7 @@ def apollo(
       seed=seed,
       weight_dimension_numbers=dims_fn,
       mu_dtype=mu_dtype,
+      projection_dtype=projection_dtype,
   )
 
   return optax.chain(
@@ -265,6 +271,7 @@ def apollo_mini(
     seed: int = 0,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     mu_dtype: Optional[Any] = None,
+    projection_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """APOLLO-Mini: rank 1, one scaling factor per matrix, √128 step.
 
@@ -306,4 +313,5 @@ def apollo_mini(
       seed=seed,
       weight_dimension_numbers=weight_dimension_numbers,
       mu_dtype=mu_dtype,
+      projection_dtype=projection_dtype,
   )

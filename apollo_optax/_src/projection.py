@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 from jax import lax
@@ -163,6 +163,69 @@ def rademacher_projection(
   rank = shape[0]
   return rademacher_signs(key, shape, dtype) * jnp.asarray(
       1.0 / math.sqrt(rank), dtype)
+
+
+def regenerate(
+    projection: Any,
+    keys: jax.Array,
+    shape: tuple[int, int],
+    compute_dtype: Any,
+    projection_dtype: Optional[Any] = None,
+) -> tuple[jax.Array, Optional[float]]:
+  """The projections of a batch of matrices from their keys, ready to multiply.
+
+  Args:
+    projection: "gaussian", "rademacher" or a callable ``(key, shape, dtype)``.
+    keys: one key per matrix (:func:`projection_keys`).
+    shape: (r, d) of each projection.
+    compute_dtype: the gradient's compute dtype (at least float32).
+    projection_dtype: dtype of the product's inputs, or None for
+      ``compute_dtype``.
+
+  Returns:
+    ``(p, scale)``: P of shape (batch, r, d) in the product's input dtype, and
+    a factor for the product (None: 1). Rademacher P holds the signs ±1,
+    exact in every dtype, and ``scale`` is 1/√r, applied to the (small)
+    product in float32 instead of rounding ±1/√r to a bfloat16 P.
+  """
+  product_dtype = compute_dtype if projection_dtype is None else projection_dtype
+  if isinstance(projection, str) and projection == "rademacher":
+    p = jax.vmap(lambda k: rademacher_signs(k, shape, product_dtype))(keys)
+    return p, 1.0 / math.sqrt(shape[0])
+  fn = gaussian_projection if projection == "gaussian" else projection
+  p = jax.vmap(lambda k: fn(k, shape, compute_dtype))(keys)
+  return p.astype(compute_dtype).astype(product_dtype), None
+
+
+def project(
+    g: jax.Array,
+    p: jax.Array,
+    *,
+    tall: bool,
+    compute_dtype: Any,
+    projection_dtype: Optional[Any] = None,
+    scale: Optional[float] = None,
+    out_sharding: Any = None,
+) -> jax.Array:
+  """R = G Pᵀ (batch, m, r) if ``tall`` else P G (batch, r, n), in compute dtype.
+
+  With ``projection_dtype`` (e.g. bfloat16) G and P enter the product in that
+  dtype and it accumulates in ``compute_dtype`` (``preferred_element_type``);
+  without it both are ``compute_dtype``, as the paper's algorithm.
+  """
+  if projection_dtype is None:
+    g, p = g.astype(compute_dtype), p.astype(compute_dtype)
+    kwargs = {}
+  else:
+    g, p = g.astype(projection_dtype), p.astype(projection_dtype)
+    kwargs = {"preferred_element_type": compute_dtype}
+  if tall:
+    r = jnp.einsum("bmn,brn->bmr", g, p, out_sharding=out_sharding, **kwargs)
+  else:
+    r = jnp.einsum("brm,bmn->brn", p, g, out_sharding=out_sharding, **kwargs)
+  if scale is not None:
+    r = r * jnp.asarray(scale, r.dtype)
+  return r
 
 
 def leaf_seed(path: str) -> int:

@@ -30,7 +30,7 @@ from apollo_optax._src import sharding as shd
 from apollo_optax._src import utils
 
 SCALE_TYPES = ("channel", "tensor")
-PROJECTIONS = ("gaussian", "svd")
+PROJECTIONS = ("gaussian", "rademacher", "svd")
 # Guards the scaling factor against an all-zero projected gradient, as in the
 # official implementation.
 _NORM_EPS = 1e-8
@@ -64,9 +64,12 @@ class ApolloSettings(NamedTuple):
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to √V.
-    projection: "gaussian", "svd" or a callable ``(key, shape, dtype)``.
+    projection: "gaussian", "rademacher", "svd" or a callable
+      ``(key, shape, dtype)``.
     seed: seed of the projections.
     mu_dtype: dtype of the moments, or None for the leaf's compute dtype.
+    projection_dtype: input dtype of the product R = G Pᵀ, or None for the
+      leaf's compute dtype.
   """
 
   rank: int
@@ -78,6 +81,7 @@ class ApolloSettings(NamedTuple):
   projection: Union[str, proj.ProjectionFn]
   seed: Any
   mu_dtype: Optional[jnp.dtype]
+  projection_dtype: Optional[jnp.dtype] = None
 
   @classmethod
   def create(
@@ -92,6 +96,7 @@ class ApolloSettings(NamedTuple):
       projection: Union[str, proj.ProjectionFn] = "gaussian",
       seed: int = 0,
       mu_dtype: Optional[Any] = None,
+      projection_dtype: Optional[Any] = None,
   ) -> "ApolloSettings":
     """Checks every argument; raises an error naming the bad one."""
     rank = utils.check_static_int("rank", rank, 1)
@@ -105,8 +110,11 @@ class ApolloSettings(NamedTuple):
     utils.check_real("b2", b2, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     utils.check_real("eps", eps, lambda v: v >= 0.0, ">= 0")
     mu_dtype = utils.canonicalize_dtype(mu_dtype, "mu_dtype")
+    projection_dtype = utils.canonicalize_dtype(
+        projection_dtype, "projection_dtype"
+    )
     return cls(rank, scale_type, update_proj_gap, b1, b2, eps, projection,
-               seed, mu_dtype)
+               seed, mu_dtype, projection_dtype)
 
   @property
   def stores_projection(self) -> bool:
@@ -243,30 +251,27 @@ def apollo_leaf_step(
         ),
         lambda: stored_projection,
     )
+    p_scale = None
   else:
-    projection_fn = (
-        proj.gaussian_projection
-        if settings.projection == "gaussian"
-        else settings.projection
-    )
     keys = proj.projection_keys(
         settings.seed, leaf.path, count // settings.update_proj_gap,
         layout.num_matrices, matrix_index_offset,
     )
-    p = jax.vmap(
-        lambda k: projection_fn(k, (r, layout.projected_dim), compute_dtype)
-    )(keys).astype(compute_dtype)
-  g = gradient.astype(compute_dtype)
+    p, p_scale = proj.regenerate(
+        settings.projection, keys, (r, layout.projected_dim), compute_dtype,
+        settings.projection_dtype,
+    )
   m = layout.lowrank_to_canonical(mu).astype(compute_dtype)
   v = layout.lowrank_to_canonical(nu).astype(compute_dtype)
   # With sharding in types, R keeps G's sharding on the kept axis: a sharded
   # contracted axis of G is reduced into R, G is never moved. R then takes
   # the moments' sharding (a local slice when they are sharded further).
   out = shd.lowrank_sharding(gradient, rank_axis=2 if layout.tall else 1)
-  if layout.tall:
-    projected = jnp.einsum("bmn,brn->bmr", g, p, out_sharding=out)
-  else:
-    projected = jnp.einsum("brm,bmn->brn", p, g, out_sharding=out)
+  projected = proj.project(
+      gradient, p, tall=layout.tall, compute_dtype=compute_dtype,
+      projection_dtype=settings.projection_dtype, scale=p_scale,
+      out_sharding=out,
+  )
   if out is not None:
     projected = jax.sharding.reshard(projected, shd.explicit_sharding(m))
   m = settings.b1 * m + (1.0 - settings.b1) * projected
@@ -383,16 +388,22 @@ def scale_by_apollo(
     seed: int = 0,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     mu_dtype: Optional[Any] = None,
+    projection_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales each gradient matrix by APOLLO's low-rank estimate of Adam.
 
   For a gradient matrix G of shape (m, n) and step t = 1, 2, …:
 
   1. P of shape (r, d), d = min(m, n), r = min(rank, d): for
-     ``projection="gaussian"`` entries :math:`\mathcal N(0, 1/r)` drawn from a
-     key derived from (``seed``, the leaf's path, the refresh index
+     ``projection="gaussian"`` entries :math:`\mathcal N(0, 1/r)`, for
+     ``"rademacher"`` entries :math:`\pm 1/\sqrt r` with fair signs (the
+     same guarantee: independent sub-Gaussian entries, :math:`\mathbb
+     E[P^\top P] = I`, Johnson–Lindenstrauss), drawn from a key derived from
+     (``seed``, the leaf's path, the refresh index
      :math:`\lfloor (t-1)/\text{gap} \rfloor`); P is regenerated, not stored.
-  2. :math:`R = G P^\top` (m × r) if m ≥ n, else :math:`R = P G` (r × n).
+  2. :math:`R = G P^\top` (m × r) if m ≥ n, else :math:`R = P G` (r × n);
+     with ``projection_dtype`` G and P enter this product in that dtype
+     (e.g. bfloat16) and it accumulates in float32.
   3. :math:`M \leftarrow b_1 M + (1-b_1) R`,
      :math:`V \leftarrow b_2 V + (1-b_2) R^2` (kept across refreshes).
   4. :math:`\tilde N = M / (\sqrt V + \epsilon)`; ``"channel"``:
@@ -432,14 +443,23 @@ def scale_by_apollo(
     b1: decay of the first moment, in [0, 1).
     b2: decay of the second moment, in [0, 1).
     eps: added to √V, >= 0.
-    projection: "gaussian", "svd" (top singular vectors of G at each refresh,
-      the paper's ablation; the projection is then stored in the state), or a
-      callable ``projection(key, shape, dtype) -> array of shape`` with
+    projection: "gaussian" (the paper's), "rademacher" (±1/√r: one random
+      bit per entry instead of a normal sample, exact in bfloat16), "svd"
+      (top singular vectors of G at each refresh, the paper's ablation; the
+      projection is then stored in the state), or a callable
+      ``projection(key, shape, dtype) -> array of shape`` with
       ``shape = (r, d)``.
     seed: seed of the projections.
     weight_dimension_numbers: which axes form the matrix (see
       :class:`ApolloDimensionNumbers`); None: the last two axes of each leaf.
     mu_dtype: dtype of both moments; None: the leaf's dtype, at least float32.
+    projection_dtype: dtype of G and P in the product R = G Pᵀ (a floating
+      dtype, e.g. ``jnp.bfloat16``: about 1.6x faster on CPUs with bfloat16
+      dot instructions), which then accumulates in the compute dtype; the
+      moments, norms and scaling stay in the compute dtype. None (default):
+      the compute dtype, the paper's algorithm. With
+      ``optax.inject_hyperparams`` list it in ``static_args`` (a dtype is
+      callable, it would be taken for a schedule).
 
   Returns:
     A ``GradientTransformationExtraArgs``.
@@ -454,6 +474,7 @@ def scale_by_apollo(
       projection=projection,
       seed=seed,
       mu_dtype=mu_dtype,
+      projection_dtype=projection_dtype,
   )
   dn.check_dimension_numbers(weight_dimension_numbers, "weight_dimension_numbers")
 

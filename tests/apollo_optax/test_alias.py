@@ -36,10 +36,15 @@ def _problem(seed=0):
   return params, grads
 
 
-def _projection_for(dtype, seed):
+def _projection_for(dtype, seed, projection="gaussian"):
+  fn = {"gaussian": proj.gaussian_projection,
+        "rademacher": proj.rademacher_projection}[projection]
+
   def projection_for(path, refresh_index, matrix_index, rank, d):
     keys = proj.projection_keys(seed, path, jnp.int32(refresh_index), matrix_index + 1)
-    p = proj.gaussian_projection(keys[matrix_index], (rank, d), dtype)
+    p = fn(keys[matrix_index], (rank, d), dtype)
+    if projection == "rademacher":  # exactly ±1/√r in float64
+      return np.sign(np.asarray(p, np.float64)) / np.sqrt(rank)
     return np.asarray(p, np.float64)
 
   return projection_for
@@ -62,9 +67,10 @@ def _run(tx, params, grads, dtype):
   return {k: np.asarray(v, np.float64) for k, v in run(params, stacked).items()}
 
 
-def _reference_updates(config, params, grads, dtype, seed=0):
+def _reference_updates(config, params, grads, dtype, seed=0,
+                       projection="gaussian"):
   ref = reference.ReferenceApollo(
-      config, params, LOWRANK, _projection_for(dtype, seed)
+      config, params, LOWRANK, _projection_for(dtype, seed, projection)
   )
   steps = [ref.step(g) for g in grads]
   return {k: np.stack([s[k] for s in steps]) for k in params}
@@ -103,12 +109,13 @@ def _ids(c):
   return "-".join(f"{k}={v}" for k, v in c.items())
 
 
-def _make(config, seed=0):
+def _make(config, seed=0, **options):
   c = dict(config)
   gamma = c.pop("gamma", 1.01)
   ref_config = reference.ReferenceConfig(lr=1e-2, gap=GAP, gamma=gamma, **c)
   tx = apollo_optax.apollo(
-      1e-2, c.pop("rank"), update_proj_gap=GAP, norm_growth_limit=gamma, seed=seed, **c
+      1e-2, c.pop("rank"), update_proj_gap=GAP, norm_growth_limit=gamma, seed=seed,
+      **c, **options
   )
   return tx, ref_config
 
@@ -130,6 +137,44 @@ def test_apollo_matches_reference_float64(config):
     actual = _run(tx, params, grads, jnp.float64)
     expected = _reference_updates(ref_config, params, grads, jnp.float64, seed=3)
   _assert_close(actual, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("config", CONFIGS[::2], ids=_ids)
+def test_rademacher_matches_reference_float32(config):
+  params, grads = _problem()
+  tx, ref_config = _make(config, projection="rademacher")
+  actual = _run(tx, params, grads, jnp.float32)
+  expected = _reference_updates(ref_config, params, grads, jnp.float32,
+                                projection="rademacher")
+  _assert_close(actual, expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS[1::4], ids=_ids)
+def test_rademacher_matches_reference_float64(config):
+  with jax.enable_x64(True):
+    params, grads = _problem(seed=1)
+    tx, ref_config = _make(config, seed=3, projection="rademacher")
+    actual = _run(tx, params, grads, jnp.float64)
+    expected = _reference_updates(ref_config, params, grads, jnp.float64,
+                                  seed=3, projection="rademacher")
+  _assert_close(actual, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("projection", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("config", CONFIGS[4:8], ids=_ids)
+def test_bfloat16_product_stays_near_the_float32_run(config, projection):
+  # The update is G·s: only the scaling factors see the bf16 product, through
+  # ratios of norms of R (rank 3 here), so they move by bf16 roundings of R's
+  # entries (2^-8 of Σ|g||p| each, more relative to a nearly cancelling
+  # entry); 20 steps through the moments and the limiter stay within 5%.
+  params, grads = _problem()
+  tx32, _ = _make(config, projection=projection)
+  tx16, _ = _make(config, projection=projection, projection_dtype=jnp.bfloat16)
+  u32 = _run(tx32, params, grads, jnp.float32)
+  u16 = _run(tx16, params, grads, jnp.float32)
+  _assert_close(u16, u32, rtol=5e-2)
+  for key in LOWRANK:
+    assert not np.array_equal(u16[key], u32[key])  # the option took effect
 
 
 def test_apollo_mini_is_rank_one_tensor_scaling():

@@ -14,6 +14,13 @@ import apollo_optax
 OPTIMIZERS = {
     "apollo": functools.partial(apollo_optax.apollo, rank=4, update_proj_gap=3),
     "apollo_mini": functools.partial(apollo_optax.apollo_mini, update_proj_gap=3),
+    # Issue 12's fast path: Rademacher signs, bfloat16 product inputs.
+    "apollo_fast": functools.partial(
+        apollo_optax.apollo, rank=4, update_proj_gap=3,
+        projection="rademacher", projection_dtype=jnp.bfloat16),
+    "apollo_mini_fast": functools.partial(
+        apollo_optax.apollo_mini, update_proj_gap=3,
+        projection="rademacher", projection_dtype=jnp.bfloat16),
 }
 
 
@@ -61,7 +68,11 @@ def test_jit_does_not_recompile(name):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_inject_hyperparams(name):
-  static = ("rank", "update_proj_gap") if name == "apollo" else ("update_proj_gap",)
+  static = ("update_proj_gap",) if name.startswith("apollo_mini") else (
+      "rank", "update_proj_gap")
+  # A dtype is callable: inject_hyperparams would take it for a schedule.
+  if "projection_dtype" in OPTIMIZERS[name].keywords:
+    static += ("projection_dtype",)
   injected = optax.inject_hyperparams(OPTIMIZERS[name].func, static_args=static)
   kwargs = dict(OPTIMIZERS[name].keywords)
   tx = injected(

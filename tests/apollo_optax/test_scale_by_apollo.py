@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import apollo_optax
+from apollo_optax._src import projection as proj
 from apollo_optax._src import scale_by_apollo as sba
 from tests.apollo_optax import reference
 
@@ -165,7 +166,12 @@ BAD_ARGUMENTS = [
     (dict(rank=2.5), TypeError, "`rank`"),
     (dict(rank=True), TypeError, "`rank`"),
     (dict(scale_type="row"), ValueError, "`scale_type` must be one of 'channel', 'tensor'"),
-    (dict(projection="qr"), ValueError, "`projection` must be one of 'gaussian', 'svd'"),
+    (dict(projection="qr"), ValueError,
+     "`projection` must be one of 'gaussian', 'rademacher', 'svd'"),
+    (dict(projection_dtype=jnp.int8), ValueError,
+     "`projection_dtype` must be a floating dtype"),
+    (dict(projection_dtype="half-ish"), TypeError,
+     "`projection_dtype` must be a dtype or None"),
     (dict(update_proj_gap=0), ValueError, "`update_proj_gap`"),
     (dict(b1=1.0), ValueError, r"`b1` must be in \[0, 1\)"),
     (dict(b2=-0.1), ValueError, r"`b2` must be in \[0, 1\)"),
@@ -220,3 +226,56 @@ def test_apollo_mini_defaults():
   state = tx.init({"w": jnp.zeros((40, 16))})
   mu = optax.tree.get(state, "ScaleByApolloState").mu["w"]
   assert mu.shape == (40, 1)
+
+
+@pytest.mark.parametrize("tall", [True, False])
+@pytest.mark.parametrize("projection", ["gaussian", "rademacher"])
+def test_bfloat16_product_is_within_bfloat16_rounding(tall, projection):
+  """R with bf16 inputs vs float64: each input rounded once (2^-9 relative)
+  and float32 accumulation; a Rademacher P (signs) is exact in bf16."""
+  shape = (3, 40, 24) if tall else (3, 24, 40)
+  g = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+  keys = proj.projection_keys(0, "w", jnp.int32(0), 3)
+  r, d = 8, 24
+  p, scale = proj.regenerate(projection, keys, (r, d), jnp.float32, jnp.bfloat16)
+  assert p.dtype == jnp.bfloat16
+  got = np.asarray(proj.project(g, p, tall=tall, compute_dtype=jnp.float32,
+                                projection_dtype=jnp.bfloat16, scale=scale))
+  p32, scale32 = proj.regenerate(projection, keys, (r, d), jnp.float32)
+  f32 = np.asarray(proj.project(g, p32, tall=tall, compute_dtype=jnp.float32,
+                                scale=scale32))
+  g64 = np.asarray(g, np.float64)
+  p64 = np.asarray(p32, np.float64) * (scale32 or 1.0)
+  gb = np.asarray(g.astype(jnp.bfloat16), np.float64)
+  pb = np.asarray(p, np.float64) * (scale or 1.0)
+  exact = ((lambda a, b: np.einsum("bmn,brn->bmr", a, b)) if tall
+           else (lambda a, b: np.einsum("brm,bmn->brn", b, a)))
+  magnitude = exact(np.abs(g64), np.abs(p64))
+  # float32 path: accumulation error only.
+  np.testing.assert_array_less(np.abs(f32 - exact(g64, p64)),
+                               1e-6 * magnitude + 1e-30)
+  # bf16 path: equals the product of the bf16-rounded inputs up to float32
+  # accumulation, and that is within 2·2^-9 of the float32 one.
+  np.testing.assert_array_less(np.abs(got - exact(gb, pb)),
+                               1e-6 * magnitude + 1e-30)
+  np.testing.assert_array_less(np.abs(got - f32), 2 * 2.0**-9 * magnitude)
+  if projection == "rademacher":
+    np.testing.assert_array_equal(np.abs(np.asarray(p, np.float64)), 1.0)
+  assert not np.array_equal(got, f32)
+
+
+def test_rademacher_state_and_refresh_keys_match_gaussian_layout():
+  params = {"w": jnp.ones((2, 24, 40))}
+  g = {"w": jax.random.normal(jax.random.key(1), (2, 24, 40))}
+  states = {}
+  for projection in ("gaussian", "rademacher"):
+    tx = apollo_optax.scale_by_apollo(4, projection=projection,
+                                      update_proj_gap=2)
+    state = tx.init(params)
+    updates, state = jax.jit(tx.update)(g, state)
+    states[projection] = state
+    assert updates["w"].shape == (2, 24, 40)
+  chex.assert_trees_all_equal_shapes_and_dtypes(states["gaussian"],
+                                                states["rademacher"])
+  assert not np.allclose(states["gaussian"].mu["w"],
+                         states["rademacher"].mu["w"])

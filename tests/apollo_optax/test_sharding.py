@@ -43,6 +43,12 @@ LOWRANK = [k for k, s in SHAPES.items() if "kernel" in k]
 OPTIMIZERS = {
     "apollo": lambda: apollo_optax.apollo(1e-2, rank=RANK, weight_decay=0.1),
     "apollo_mini": lambda: apollo_optax.apollo_mini(1e-2),
+    # Issue 12's fast path: Rademacher signs, bfloat16 product inputs.
+    "apollo_fast": lambda: apollo_optax.apollo(
+        1e-2, rank=RANK, weight_decay=0.1, projection="rademacher",
+        projection_dtype=jnp.bfloat16),
+    "apollo_mini_fast": lambda: apollo_optax.apollo_mini(
+        1e-2, projection="rademacher", projection_dtype=jnp.bfloat16),
 }
 
 
@@ -192,7 +198,8 @@ def test_update_moves_only_lowrank_tensors(layout, mode, name):
   assert by_op["all-to-all"] == by_op["collective-permute"] == 0
   vectors = report.channel_bound(abstract)
   assert by_op["all-gather"] <= vectors
-  bound = report.lowrank_bound(abstract, 1 if name == "apollo_mini" else RANK)
+  bound = report.lowrank_bound(
+      abstract, 1 if name.startswith("apollo_mini") else RANK)
   assert 0 < result["reduction_bytes"] <= bound + 2 * vectors
   replicated = 4 * (2 + L * len(LOWRANK))  # counts and limiter norms
   total, devices = result["state_bytes_total"], result["devices"]
