@@ -4,6 +4,7 @@ The accelerator compiles need the side environment (``make accel-env``:
 libtpu, the CUDA plugin); without it (as in CI) those tests are skipped.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -13,9 +14,11 @@ import pytest
 
 import apollo_optax
 from apollo_lm.configs import get_config
+from benchmarks import accel_claims
 from benchmarks import common
 from benchmarks import qapollo_memory
 from benchmarks import targets
+from benchmarks import update_cost
 
 
 # ------------------------------------------------------------ batch search --
@@ -189,3 +192,90 @@ def test_missing_runtime_explains_how_to_get_it():
       assert "make accel-env" in reason
       with pytest.raises(RuntimeError, match="accel-env"):
         targets.devices(name, 1)
+
+
+# ------------------------------------------------------------ accel_claims --
+
+
+def _tiny_bf16(remat=False):
+  return accel_claims._config("tiny", remat=remat, smoke=True)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("layout,n", [("ddp", 2), ("fsdp", 2)])
+def test_accel_claims_step_on_cpu(layout, n):
+  config = _tiny_bf16(remat=True)
+  out = accel_claims.compile_step(config, "apollo_mini", targets.get("cpu"),
+                                  n, layout, 1)
+  assert out["fits"] and not out["oom"]
+  per_device = out["params_bytes"] + out["state_bytes"]
+  if layout == "fsdp":  # Sharded: about half per device (scalars replicated).
+    assert out["argument_bytes"] < 0.75 * per_device
+  else:
+    assert out["argument_bytes"] >= per_device
+
+
+@pytest.mark.parametrize("fixed,per_sample,capacity,expected", [
+    (10, 3, 30, 6), (10, 3, 31, 7), (10, 3, 12, 0), (56, 2.4, 85.9, 12)])
+def test_accel_claims_batch_search(monkeypatch, fixed, per_sample, capacity,
+                                   expected):
+  """The search on a toy memory model: total = fixed + per_sample · micro."""
+  seen = []
+
+  def fake_compile(config, method, target, n, layout, micro):
+    seen.append(micro)
+    total = fixed + per_sample * micro
+    return {"oom": False, "total_bytes": total, "compile_s": 0,
+            "fits": total <= target.memory_bytes}
+
+  monkeypatch.setattr(accel_claims, "compile_step", fake_compile)
+  target = dataclasses.replace(targets.get("cpu"), memory_bytes=capacity)
+  found = accel_claims.largest_batch(None, "adamw", target, "ddp", 8,
+                                     limit=64, log=lambda s: None)
+  assert found["largest_micro_batch"] == expected
+  assert len(seen) == len(set(seen))
+  if expected >= 2:  # 1 and 2 give an exact line: two more compiles pin it.
+    assert sorted(seen) == [1, 2, expected, expected + 1]
+    assert found["compiles"][str(expected)]["fits"]
+    assert not found["compiles"][str(expected + 1)]["fits"]
+
+
+def test_accel_claims_rejects_bad_layout():
+  with pytest.raises(ValueError, match="layout"):
+    accel_claims.build(_tiny_bf16(), "adamw", targets.devices("cpu", 1),
+                       "zero3", 1)
+
+
+# ------------------------------------------------------------- update_cost --
+
+
+def test_kernel_bytes_counts_top_level_kernels():
+  hlo = """HloModule m
+
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p)
+}
+
+ENTRY %main (a: f32[4], b: bf16[2,8]) -> (f32[4], bf16[2,8]) {
+  %a = f32[4]{0} parameter(0)
+  %b = bf16[2,8]{1,0} parameter(1)
+  %f = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused
+  %c = bf16[2,8]{1,0} copy(%b)
+  ROOT %t = (f32[4]{0}, bf16[2,8]{1,0}) tuple(%f, %c)
+}
+"""
+  by_opcode = {}
+  # fusion: reads 16, writes 16; copy: reads 32, writes 32; no others.
+  assert update_cost.kernel_bytes(hlo, by_opcode) == 96
+  assert by_opcode == {"fusion": 32, "copy": 64}
+
+
+def test_update_cost_on_cpu():
+  config = common.smoke_config(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  out = update_cost.measure(config, "adamw", targets.get("cpu"))
+  params = apollo_optax.state_bytes(
+      common.abstract_params(config, jnp.bfloat16))
+  # AdamW reads params, grads and two moments and writes three of them.
+  assert out["kernel_bytes"] >= 7 * params * 0.9
+  assert out["flops"] > 0
+  assert "predicted_s" not in out  # The CPU has no roofline figures.
