@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -217,14 +218,19 @@ def largest_batch(config: LlamaConfig, method: str, target: targets.Target,
 
 def run_claims(target: targets.Target, claims: list[str], layouts: list[str],
                smoke: bool, methods: list[str] | None = None,
-               log: Any = print) -> dict[str, Any]:
-  """All requested claims on ``target``: {claim: {layout: {method: ...}}}."""
-  out: dict[str, Any] = {}
+               log: Any = print, out: dict[str, Any] | None = None,
+               done: Any = lambda: None) -> dict[str, Any]:
+  """All requested claims on ``target``: {claim: {layout: {method: ...}}}.
+
+  Entries go into ``out`` (a new dict by default) as they finish, and
+  ``done()`` is called after each (to save partial results).
+  """
+  out = {} if out is None else out
   n = 2 if smoke else 8
   for claim in claims:
-    out[claim] = {}
+    out.setdefault(claim, {})
     for layout in layouts:
-      entry: dict[str, Any] = {}
+      entry: dict[str, Any] = out[claim].setdefault(layout, {})
       if claim == "batch":
         config = _config("7b", remat=False, smoke=smoke)
         for method in methods or BATCH_METHODS:
@@ -236,6 +242,7 @@ def run_claims(target: targets.Target, claims: list[str], layouts: list[str],
               raise
             entry[method] = {"error": repr(e)[:1000]}
             log(f"  {target.name} batch {layout} {method}: ERROR {e!r:.300}")
+          done()
       else:
         config = _config("13b" if claim == "13b" else "7b", remat=True,
                          smoke=smoke)
@@ -254,7 +261,7 @@ def run_claims(target: targets.Target, claims: list[str], layouts: list[str],
           log(f"  {target.name} {claim} {layout} {method}: "
               f"{entry[method].get('total_bytes', 0) / 1e9:.2f} GB "
               f"fits={entry[method]['fits']} ({entry[method]['compile_s']} s)")
-      out[claim][layout] = entry
+          done()
   return out
 
 
@@ -266,7 +273,9 @@ def _gb(entry: dict[str, Any]) -> str:
     return "error (see JSON)"
   if "total_bytes" not in entry:
     return "OOM"
-  return common.gb(entry["total_bytes"]) + ("" if entry["fits"] else " ✗")
+  mark = " †" if entry.get("source") == "log" else ""
+  return common.gb(entry["total_bytes"]) + mark + ("" if entry["fits"]
+                                                   else " ✗")
 
 
 def report(results: dict[str, Any]) -> str:
@@ -285,7 +294,9 @@ def report(results: dict[str, Any]) -> str:
       f"refused it. Device memory: {caps}. XLA:GPU without a device does no "
       "autotuning: GEMMs are the compiler's default fusions and no cuBLAS "
       "workspace is counted; a real run adds the CUDA context and allocator "
-      "fragmentation (a few hundred MB to a few GB).")
+      "fragmentation (a few hundred MB to a few GB). † = from the log "
+      "line of a run stopped before it wrote its JSON (the total only, to "
+      "10 MB; the log is kept in the JSON under `logs`).")
 
   def claim_rows(claim, layout, methods):
     rows = []
@@ -384,8 +395,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["targets"] = old.get("targets", {})
   if args.report_from:
     for path in args.report_from:
-      old = json.loads(pathlib.Path(path).read_text())
-      results["targets"].update(old["targets"])
+      text = pathlib.Path(path).read_text()
+      if path.endswith(".log"):  # A stopped run's log lines.
+        for tname, claims in entries_from_log(text).items():
+          entry = results["targets"].setdefault(
+              tname, {"target": targets.describe(targets.get(tname)),
+                      "claims": {}})
+          for claim, by_layout in claims.items():
+            for layout, by_method in by_layout.items():
+              entry["claims"].setdefault(claim, {}).setdefault(
+                  layout, {}).update(by_method)
+        results.setdefault("logs", []).append(text)
+        continue
+      old = json.loads(text)
+      for tname, entry in old["targets"].items():
+        mine = results["targets"].setdefault(
+            tname, {"target": entry["target"], "claims": {}})
+        for claim, by_layout in entry["claims"].items():
+          for layout, by_method in by_layout.items():
+            mine["claims"].setdefault(claim, {}).setdefault(
+                layout, {}).update(by_method)
       results.setdefault("runs", []).append(old["metadata"])
     common.write_results(args.out_name, results, report(results),
                          args.out_dir)
@@ -397,14 +426,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       raise SystemExit(reason)
     entry = results["targets"].setdefault(name, {"claims": {}})
     entry["target"] = targets.describe(target)
-    new = run_claims(target, args.claims, args.layouts, args.smoke,
-                     args.methods, log=lambda s: print(s, flush=True))
-    for claim, by_layout in new.items():
-      for layout, by_method in by_layout.items():
-        entry["claims"].setdefault(claim, {}).setdefault(layout, {}).update(
-            by_method)
+    run_claims(target, args.claims, args.layouts, args.smoke, args.methods,
+               log=lambda s: print(s, flush=True), out=entry["claims"],
+               done=lambda: common.write_results(
+                   args.out_name, results, report(results), args.out_dir))
   common.write_results(args.out_name, results, report(results), args.out_dir)
   return results
+
+
+_LOG_LINE = re.compile(
+    r"^\s+(\w+) (q7b|13b) (ddp|fsdp) (\w+): ([0-9.]+) GB fits=(True|False) "
+    r"\(([0-9.]+) s\)")
+
+
+_BATCH_LINE = re.compile(
+    r"^\s+(\w+) (ddp|fsdp) (\w+) micro (\d+): ([0-9.]+) GB "
+    r"fits=(True|False) \(([0-9.]+) s\)")
+
+
+def entries_from_log(text: str) -> dict[str, Any]:
+  """{target: {claim: {layout: {method: entry}}}} from a run's log lines.
+
+  For runs stopped before they wrote their JSON: each logged line keeps the
+  total (to 10 MB), the verdict and the compile time, marked
+  ``"source": "log"``. A micro-batch search counts only once it is pinned
+  (a fitting batch n and a failing n + 1 both logged).
+  """
+  out: dict[str, Any] = {}
+  for line in text.splitlines():
+    m = _BATCH_LINE.match(line)
+    if m:
+      target, layout, method, micro, gb, fits, secs = m.groups()
+      entry = out.setdefault(target, {}).setdefault("batch", {}).setdefault(
+          layout, {}).setdefault(method, {"compiles": {}, "tried": {},
+                                          "source": "log"})
+      entry["compiles"][micro] = {
+          "total_bytes": int(round(float(gb) * 1e9)), "fits": fits == "True",
+          "compile_s": float(secs), "source": "log"}
+      entry["tried"][micro] = fits == "True"
+      continue
+    m = _LOG_LINE.match(line)
+    if m:
+      target, claim, layout, method, gb, fits, secs = m.groups()
+      out.setdefault(target, {}).setdefault(claim, {}).setdefault(
+          layout, {})[method] = {
+              "total_bytes": int(round(float(gb) * 1e9)),
+              "fits": fits == "True", "oom": False,
+              "compile_s": float(secs), "source": "log"}
+  for by_claim in out.values():
+    for layout, by_method in list(by_claim.get("batch", {}).items()):
+      for method, entry in list(by_method.items()):
+        tried = {int(k): v for k, v in entry["tried"].items()}
+        pinned = [n for n, ok in tried.items() if ok and tried.get(n + 1) is False]
+        if pinned:
+          entry["largest_micro_batch"] = max(pinned)
+        else:
+          del by_method[method]
+  return out
 
 
 if __name__ == "__main__":

@@ -53,34 +53,105 @@ _NO_TRAFFIC = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast",
                "after-all", "partition-id", "replica-id")
 
 
+_Instr = tuple[str, str, str, list[str], str]
+
+
+def _computations(hlo_text: str) -> dict[str, list[_Instr]]:
+  """``(name, type, opcode, operand names, called computation)`` per
+  instruction of each computation (the entry one under ``"ENTRY"``)."""
+  comps: dict[str, list[_Instr]] = {}
+  current: list[_Instr] | None = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      current = comps.setdefault(
+          "ENTRY" if line.startswith("ENTRY") else head.group(1), [])
+      continue
+    match = sharding_report._INSTRUCTION.match(line)  # pylint: disable=protected-access
+    if match and current is not None:
+      name, type_text, opcode, operands = match.groups()
+      calls = re.search(r"calls=%?([\w.\-]+)", line)
+      # Last field: the called computation, or a parameter's number.
+      current.append((name, type_text, opcode,
+                      re.findall(r"%([\w.\-]+)", operands),
+                      operands.strip() if opcode == "parameter"
+                      else calls.group(1) if calls else ""))
+  return comps
+
+
+def _size(type_text: str) -> int:
+  return sum(sharding_report._array_sizes(type_text))  # pylint: disable=protected-access
+
+
+def _fusion_traffic(body: list[_Instr],
+                    operand_sizes: list[int], result_size: int) -> int:
+  """Bytes a fusion reads and writes, slices and in-place updates aware.
+
+  A parameter used only by (dynamic-)slices is read as those slices; one used
+  only as the buffer of a dynamic-update-slice is not read (updated in
+  place), and such a root writes only its update.
+  """
+  by_name = {ins[0]: ins for ins in body}
+  users: dict[str, list[_Instr]] = {}
+  for ins in body:
+    for op in ins[3]:
+      users.setdefault(op, []).append(ins)
+  read = 0
+  for ins in body:
+    if ins[2] != "parameter":
+      continue
+    index = int(ins[4])
+    size = operand_sizes[index] if index < len(operand_sizes) else _size(ins[1])
+    uses = users.get(ins[0], [])
+    if uses and all(u[2] in ("dynamic-slice", "slice") and u[3][0] == ins[0]
+                    for u in uses):
+      read += sum(_size(u[1]) for u in uses)
+    elif uses and all(u[2] == "dynamic-update-slice" and u[3][0] == ins[0]
+                      for u in uses):
+      pass
+    else:
+      read += size
+  root = body[-1]
+  outputs = ([by_name[o] for o in root[3] if o in by_name]
+             if root[2] == "tuple" else [root])
+  write = 0
+  for out in outputs:
+    if out[2] == "dynamic-update-slice" and out[3][1] in by_name:
+      write += _size(by_name[out[3][1]][1])
+    else:
+      write += _size(out[1])
+  return read + (write if outputs else result_size)
+
+
 def kernel_bytes(hlo_text: str, by_opcode: dict[str, float] | None = None,
                  ) -> float:
   """Bytes the top-level kernels of an optimized HLO module read and write.
 
   Every instruction of the ENTRY computation except those in
   :data:`_NO_TRAFFIC` is one kernel (a fusion, a GEMM, a copy, ...): it reads
-  its operands from and writes its results to device memory. The sum over
-  them is the memory traffic of the compiled program, which the lowered
-  (unfused) program's ``bytes accessed`` overstates. ``by_opcode``, if
-  given, receives the bytes per opcode.
+  its operands from and writes its results to device memory; a fusion that
+  only slices an operand reads the slices, one that updates a buffer in place
+  (dynamic-update-slice) writes only the update. The sum over them is the
+  memory traffic of the compiled program, which the lowered (unfused)
+  program's ``bytes accessed`` overstates. ``by_opcode``, if given, receives
+  the bytes per opcode.
   """
+  comps = _computations(hlo_text)
   sizes: dict[str, int] = {}
   total = 0
-  entry = hlo_text[hlo_text.index("\nENTRY"):]
-  entry = entry[:entry.index("\n}")]
-  for line in entry.splitlines()[1:]:
-    match = sharding_report._INSTRUCTION.match(line)  # pylint: disable=protected-access
-    if not match:
-      continue
-    name, type_text, opcode, operands = match.groups()
-    sizes[name] = sum(sharding_report._array_sizes(type_text))  # pylint: disable=protected-access
+  for name, type_text, opcode, operands, calls in comps.get("ENTRY", []):
+    sizes[name] = _size(type_text)
     if opcode in _NO_TRAFFIC:
       continue
-    read = sum(sizes.get(op, 0) for op in re.findall(r"%([\w.\-]+)",
-                                                      operands))
-    total += read + sizes[name]
+    operand_sizes = [sizes.get(op, 0) for op in operands]
+    body = comps.get(calls) if opcode == "fusion" else None
+    if body:
+      traffic = _fusion_traffic(body, operand_sizes, sizes[name])
+    else:
+      traffic = sum(operand_sizes) + sizes[name]
+    total += traffic
     if by_opcode is not None:
-      by_opcode[opcode] = by_opcode.get(opcode, 0.0) + read + sizes[name]
+      by_opcode[opcode] = by_opcode.get(opcode, 0.0) + traffic
   return float(total)
 
 

@@ -270,6 +270,38 @@ ENTRY %main (a: f32[4], b: bf16[2,8]) -> (f32[4], bf16[2,8]) {
   assert by_opcode == {"fusion": 32, "copy": 64}
 
 
+def test_kernel_bytes_of_slicing_and_in_place_fusions():
+  hlo = """HloModule m
+
+%upd (p0: f32[8,100], p1: f32[100], p2: s32[]) -> f32[8,100] {
+  %p1 = f32[100]{0} parameter(1)
+  %p0 = f32[8,100]{1,0} parameter(0)
+  %p2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  %r = f32[1,100]{1,0} reshape(%p1)
+  ROOT %d = f32[8,100]{1,0} dynamic-update-slice(%p0, %r, %p2, %z)
+}
+
+%sl (q0: f32[8,100], q1: s32[]) -> f32[1,100] {
+  %q0 = f32[8,100]{1,0} parameter(0)
+  %q1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %s = f32[1,100]{1,0} dynamic-slice(%q0, %q1, %z), dynamic_slice_sizes={1,100}
+}
+
+ENTRY %main (a: f32[8,100], b: f32[100], i: s32[]) -> f32[8,100] {
+  %a = f32[8,100]{1,0} parameter(0)
+  %b = f32[100]{0} parameter(1)
+  %i = s32[] parameter(2)
+  %s = f32[1,100]{1,0} fusion(%a, %i), kind=kLoop, calls=%sl
+  ROOT %u = f32[8,100]{1,0} fusion(%a, %b, %i), kind=kLoop, calls=%upd
+}
+"""
+  # Slice: reads one row (400) and the index (4), writes 400. Update in
+  # place: reads the new row (400) and the index (4), writes one row (400).
+  assert update_cost.kernel_bytes(hlo) == 404 + 400 + 404 + 400
+
+
 def test_update_cost_on_cpu():
   config = common.smoke_config(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   out = update_cost.measure(config, "adamw", targets.get("cpu"))
