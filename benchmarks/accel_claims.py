@@ -269,10 +269,11 @@ def run_claims(target: targets.Target, claims: list[str], layouts: list[str],
 
 
 def _gb(entry: dict[str, Any]) -> str:
+  if entry.get("oom"):
+    needed = entry.get("total_bytes")
+    return "OOM" + (f" ({common.gb(needed)})" if needed else "")
   if "error" in entry:
     return "error (see JSON)"
-  if "total_bytes" not in entry:
-    return "OOM"
   mark = " †" if entry.get("source") == "log" else ""
   return common.gb(entry["total_bytes"]) + mark + ("" if entry["fits"]
                                                    else " ✗")

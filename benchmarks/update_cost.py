@@ -28,6 +28,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import re
 import time
 from typing import Any
@@ -40,11 +42,15 @@ from apollo_lm.configs import LlamaConfig
 from benchmarks import common
 from benchmarks import sharding_report
 from benchmarks import targets
+from benchmarks import update_speed
 
-OPTIMIZERS = ("adamw", "apollo", "apollo_mini", "galore")
+# apollo_fast: issue 12's fast projection (Rademacher, bf16 product), the
+# options of update_speed.OPTIONS.
+OPTIMIZERS = ("adamw", "apollo", "apollo_fast", "apollo_mini", "galore")
 PAPER_RATIO_7B = {"adamw": 1.0, "apollo": 0.92, "apollo_mini": 0.82,
                   "galore": 16.6}
 LABELS = {"adamw": "AdamW", "apollo": "APOLLO (rank 256)",
+          "apollo_fast": "APOLLO, fast projection (Rademacher, bf16)",
           "apollo_mini": "APOLLO-Mini", "galore": "GaLore (rank 256, steady)"}
 
 
@@ -165,7 +171,8 @@ def measure(config: LlamaConfig, name: str, target: targets.Target,
   ``kernel_bytes``: :func:`kernel_bytes` of the program compiled for
   ``target`` (its fusions). The predicted time uses ``kernel_bytes``.
   """
-  tx = common.make_tx(name, config, mu_dtype=jnp.bfloat16)
+  tx = common.make_tx(update_speed.VARIANTS[name], config,
+                      mu_dtype=jnp.bfloat16, **update_speed.OPTIONS.get(name, {}))
   abstract = common.abstract_params(config, jnp.bfloat16)
   t0 = time.perf_counter()
   out: dict[str, Any] = {}
@@ -203,7 +210,8 @@ def report(results: dict[str, Any]) -> str:
       for name, e in by_opt.items():
         ratio = (f"**{e['predicted_s'] / ref:.2f}x**"
                  if ref and "predicted_s" in e else "—")
-        paper = (f"{PAPER_RATIO_7B[name]:.2f}x" if cfg == "7b" else "—")
+        paper = (f"{PAPER_RATIO_7B[name]:.2f}x"
+                 if cfg == "7b" and name in PAPER_RATIO_7B else "—")
         rows.append([
             LABELS[name], f"{e['flops'] / 1e9:.1f}",
             f"{e['lowered_bytes'] / 1e9:.2f}",
@@ -242,7 +250,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--out-name", default="update_cost")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny config, CPU compile, no prediction (tests)")
+  parser.add_argument("--report-from", nargs="+", default=None,
+                      help="only merge these result JSONs into <out-name>")
   args = parser.parse_args(argv)
+  if args.report_from:
+    merged: dict[str, Any] = {"targets": {}, "runs": []}
+    for path in args.report_from:
+      old = json.loads(pathlib.Path(path).read_text())
+      merged["runs"].append(old.pop("metadata"))
+      for tname, entry in old["targets"].items():
+        mine = merged["targets"].setdefault(
+            tname, {"target": entry["target"], "configs": {}})
+        for cfg, by_opt in entry["configs"].items():
+          mine["configs"].setdefault(cfg, {}).update(by_opt)
+    for entry in merged["targets"].values():
+      for cfg, by_opt in entry["configs"].items():
+        entry["configs"][cfg] = {n: by_opt[n] for n in OPTIMIZERS
+                                 if n in by_opt}
+    common.write_results(args.out_name, merged, report(merged), args.out_dir)
+    return merged
   configs = {c: get_config(c, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
              for c in args.configs}
   names = args.targets
