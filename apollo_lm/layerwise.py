@@ -75,6 +75,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, NamedTuple
+import warnings
 
 from flax import nnx
 import jax
@@ -128,9 +129,13 @@ def init_layerwise_state(tx: optax.GradientTransformation,
                          params: Any) -> LayerwiseState:
   """The :class:`LayerwiseState` of ``tx`` for Llama ``params``."""
   embed, layers, head = split_params(params)
+  # The embedding and head groups have no low-rank leaf by design: APOLLO's
+  # coverage warning would be a false alarm for them.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", apollo_optax.LowRankCoverageWarning)
+    embed_state, head_state = tx.init(embed), tx.init(head)
   return LayerwiseState(
-      embed=tx.init(embed), layers=jax.vmap(tx.init)(layers),
-      head=tx.init(head))
+      embed=embed_state, layers=jax.vmap(tx.init)(layers), head=head_state)
 
 
 def quantize_llama_params(params: Any, group_size: int = 128,

@@ -13,6 +13,10 @@ from apollo_optax._src.adam import ScaleByAdamMomentsState
 from apollo_optax._src.alias import apollo
 from apollo_optax._src.alias import apollo_mini
 from apollo_optax._src.alias import default_lowrank_mask
+from apollo_optax._src.coverage import LowRankCoverageWarning
+from apollo_optax._src.coverage import lowrank_summary
+from apollo_optax._src.coverage import LowRankSummary
+from apollo_optax._src.coverage import MIN_LOWRANK_FRACTION
 from apollo_optax._src.dimension_numbers import ApolloDimensionNumbers
 from apollo_optax._src.limiter import norm_growth_limiter
 from apollo_optax._src.limiter import NormGrowthLimiterState
@@ -27,6 +31,9 @@ __version__ = "0.1.0"
 
 __all__ = (
     "ApolloDimensionNumbers",
+    "LowRankCoverageWarning",
+    "LowRankSummary",
+    "MIN_LOWRANK_FRACTION",
     "NormGrowthLimiterState",
     "ScaleByAdamBiasCorrectionState",
     "ScaleByAdamMomentsState",
@@ -35,6 +42,7 @@ __all__ = (
     "apollo_mini",
     "default_lowrank_mask",
     "gaussian_projection",
+    "lowrank_summary",
     "norm_growth_limiter",
     "rademacher_projection",
     "scale_by_adam_bias_correction",

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from apollo_optax._src import adam
+from apollo_optax._src import coverage
 from apollo_optax._src import dimension_numbers as dn
 from apollo_optax._src import limiter
 from apollo_optax._src import projection as proj
@@ -112,6 +113,11 @@ def apollo(
     ``adam_weight_decay`` for :math:`\eta_t` and :math:`\lambda` when they
     are given (as ``optax.contrib.muon``).
 
+  ``init`` emits one :class:`LowRankCoverageWarning` when the low-rank leaves
+  hold no parameter, or fewer than 5% of them while matrices fell back to
+  AdamW (flattened parameters, a mask that matches nothing);
+  :func:`lowrank_summary` gives the breakdown.
+
   This reproduces ``APOLLOAdamW`` of the official ``apollo-torch`` 1.0.3, except
   that weight decay uses the pre-update parameters (as ``optax.adamw``; the
   official code decays the updated ones, a difference of order η²λ) and that an
@@ -188,11 +194,12 @@ def apollo(
   def dims_fn(tree):
     return dn.resolve_dimension_numbers(weight_dimension_numbers, tree)
 
-  def labels(params):
+  def leaf_kinds(params):
+    """For each leaf: low-rank, or why it falls back to AdamW."""
     mask = _resolve_mask(lowrank_mask, params)
     dims = dims_fn(params)
 
-    def label_subtree(is_lowrank, subtree):
+    def mask_subtree(is_lowrank, subtree):
       if jnp.result_type(is_lowrank) != jnp.bool_:
         raise TypeError(
             "`lowrank_mask` must be a pytree of bools (or a callable returning"
@@ -200,10 +207,21 @@ def apollo(
         )
       return jax.tree.map(lambda _: bool(is_lowrank), subtree)
 
-    def label(is_lowrank, leaf_dims):
-      return "apollo" if is_lowrank and leaf_dims is not None else "adam"
+    def kind(is_lowrank, leaf_dims, leaf):
+      if is_lowrank and leaf_dims is not None:
+        return coverage.LOWRANK
+      if len(leaf.shape) < 2:
+        return coverage.ONE_D
+      return coverage.MASK if not is_lowrank else coverage.NO_DIMENSION_NUMBERS
 
-    return jax.tree.map(label, jax.tree.map(label_subtree, mask, params), dims)
+    full_mask = jax.tree.map(mask_subtree, mask, params)
+    return jax.tree.map(kind, full_mask, dims, params)
+
+  def labels(params):
+    return jax.tree.map(
+        lambda kind: "apollo" if kind == coverage.LOWRANK else "adam",
+        leaf_kinds(params),
+    )
 
   sqrt_scale = (
       math.sqrt(scale) if utils.concrete_float(scale) is not None else jnp.sqrt(scale)
@@ -225,7 +243,7 @@ def apollo(
       projection_dtype=projection_dtype,
   )
 
-  return optax.chain(
+  tx = optax.chain(
       optax.partition(
           {
               "apollo": matrix_transform,
@@ -250,6 +268,14 @@ def apollo(
           labels,
       ),
   )
+
+  def init_fn(params):
+    coverage.report_coverage(
+        coverage.coverage_of(leaf_kinds(params), params), "APOLLO"
+    )
+    return tx.init(params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, tx.update)
 
 
 def apollo_mini(

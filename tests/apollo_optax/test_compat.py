@@ -1,6 +1,7 @@
 """apollo / apollo_mini compose with the Optax tools users already use."""
 
 import functools
+import warnings
 
 import chex
 import jax
@@ -166,19 +167,26 @@ def test_extra_kwargs_to_update(name):
 
 
 @pytest.mark.parametrize(
-    "make_tree",
+    "make_tree,lowrank",
     [
-        lambda p: {"a": {"b": p["dense"]["kernel"]}, "empty": {}, "v": p["dense"]["bias"]},
-        lambda p: [p["dense"]["kernel"], (p["stack"], p["dense"]["bias"])],
-        lambda p: {"only_vectors": p["dense"]["bias"]},
-        lambda p: {},
+        (lambda p: {"a": {"b": p["dense"]["kernel"]}, "empty": {}, "v": p["dense"]["bias"]}, True),
+        (lambda p: [p["dense"]["kernel"], (p["stack"], p["dense"]["bias"])], True),
+        (lambda p: {"only_vectors": p["dense"]["bias"]}, False),
+        (lambda p: {}, None),
     ],
     ids=["nested-dict-with-empty", "lists-and-tuples", "no-matrix", "empty"],
 )
-def test_any_pytree(make_tree):
+def test_any_pytree(make_tree, lowrank):
   tx = apollo_optax.apollo(1e-2, rank=3)
   params = make_tree(_params())
-  state = tx.init(params)
+  if lowrank is False:
+    # Nothing APOLLO can project: the coverage warning says so.
+    with pytest.warns(apollo_optax.LowRankCoverageWarning, match="0 of 8 parameters"):
+      state = tx.init(params)
+  else:  # Matrices, or nothing at all: no warning.
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", apollo_optax.LowRankCoverageWarning)
+      state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, new_state = jax.jit(tx.update)(grads, state, params)
   chex.assert_trees_all_equal_structs(updates, params)
