@@ -64,11 +64,12 @@ Parameters are the plain dict ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``
 
 Example::
 
+  from apollo_lm import steps
   tx = apollo_optax.apollo_mini(1e-2)
   state = init_layerwise_state(tx, params)
-  step = jax.jit(make_layerwise_train_step(config, tx), donate_argnums=(0, 1),
-                 compiler_options=compiler_options())
-  params, state, loss = step(params, state, tokens)  # tokens: int32[B, T + 1]
+  step = jax.jit(steps.make_layerwise_train_step(config, tx),
+                 donate_argnums=(0, 1), compiler_options=compiler_options())
+  params, state, metrics = step(params, state, steps.Batch(inputs, targets))
 """
 
 from __future__ import annotations
@@ -90,8 +91,6 @@ from apollo_lm.configs import LlamaConfig
 EMBED_KEYS = ("embed",)
 LAYER_KEYS = ("layers",)
 HEAD_KEYS = ("final_norm", "lm_head")
-
-TrainStep = Callable[[Any, Any, jax.Array], tuple[Any, Any, jax.Array]]
 
 
 class LayerwiseState(NamedTuple):
@@ -200,22 +199,26 @@ def _tree_set(tree: Any, value: Any, index: jax.Array) -> Any:
       tree, value)
 
 
-def make_layerwise_train_step(config: LlamaConfig,
-                              tx: optax.GradientTransformation) -> TrainStep:
-  """``step(params, opt_state, tokens) -> (params, opt_state, loss)``.
+def make_step(config: LlamaConfig, tx: optax.GradientTransformation,
+              loss: Callable[[jax.Array, Any], jax.Array]) -> Callable[
+                  [Any, Any, Any], tuple[Any, Any, jax.Array]]:
+  """``step(params, opt_state, batch) -> (params, opt_state, loss)``.
+
+  Use :func:`apollo_lm.steps.make_layerwise_train_step`, which passes the
+  project's one loss; this function owns the layer-by-layer schedule only.
 
   Args:
     config: the model config (its ``remat`` and ``scan_layers`` do not matter:
       blocks are always recomputed one at a time).
     tx: the optimizer; it must act leaf by leaf (see the module docstring).
       Wrap it in :func:`apollo_optax.quantized_weights` for quantized params.
+    loss: ``loss(logits, batch)``, a scalar (``apollo_lm.steps.next_token_loss``).
 
   Returns:
     A pure function of ``params`` (plain dict, possibly with
     ``QuantizedArray`` kernels), ``opt_state`` (:class:`LayerwiseState`) and
-    ``tokens`` (int32 ``[B, T + 1]``; inputs ``[:, :-1]``, targets
-    ``[:, 1:]``); jit it with ``donate_argnums=(0, 1)`` and
-    :func:`compiler_options`.
+    ``batch`` (an ``apollo_lm.steps.Batch`` of ``[B, T]`` arrays); jit it
+    with ``donate_argnums=(0, 1)`` and :func:`compiler_options`.
   """
   abstract = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
   embed_def = nnx.graphdef(abstract.embed)
@@ -232,7 +235,7 @@ def make_layerwise_train_step(config: LlamaConfig,
   def block(weights, x):
     return nnx.merge(block_def, weights)(x)
 
-  def head_loss(head, embed, x, targets):
+  def head_loss(head, embed, x, batch):
     norm = nnx.merge(norm_def, head["final_norm"])
     if tied:
       embedding = nnx.merge(embed_def, embed["embed"]).embedding[...]
@@ -240,19 +243,18 @@ def make_layerwise_train_step(config: LlamaConfig,
     else:
       lm_head = nnx.merge(head_def, head["lm_head"])
       logits = lm_head(norm(x)).astype(jnp.float32)
-    return model_lib.cross_entropy_loss(logits, targets)
+    return loss(logits, batch)
 
   def update(grads, state, params, **extra):
     updates, state = tx.update(grads, state, params, **extra)
     return apollo_optax.apply_quantized_updates(params, updates), state
 
-  def step(params, opt_state, tokens):
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  def step(params, opt_state, batch):
     embed, layers, head = split_params(params)
 
     # 1. Forward, saving the input of every block.
     x0, embed_vjp = jax.vjp(
-        lambda e: nnx.merge(embed_def, e["embed"])(inputs), embed)
+        lambda e: nnx.merge(embed_def, e["embed"])(batch.inputs), embed)
 
     def forward(x, layer):
       return block(as_float(layer), x), x
@@ -261,13 +263,13 @@ def make_layerwise_train_step(config: LlamaConfig,
 
     # 2. Head: loss, gradient, update.
     if tied:
-      loss, head_vjp = jax.vjp(
-          lambda h, e, x: head_loss(h, e, x, targets), head, embed, x_last)
-      head_grads, embed_head_grads, dx = head_vjp(jnp.ones_like(loss))
+      loss_value, head_vjp = jax.vjp(
+          lambda h, e, x: head_loss(h, e, x, batch), head, embed, x_last)
+      head_grads, embed_head_grads, dx = head_vjp(jnp.ones_like(loss_value))
     else:
-      loss, head_vjp = jax.vjp(
-          lambda h, x: head_loss(h, None, x, targets), head, x_last)
-      head_grads, dx = head_vjp(jnp.ones_like(loss))
+      loss_value, head_vjp = jax.vjp(
+          lambda h, x: head_loss(h, None, x, batch), head, x_last)
+      head_grads, dx = head_vjp(jnp.ones_like(loss_value))
     head, head_state = update(head_grads, opt_state.head, head)
 
     # 3. Blocks, last to first: recompute, VJP, update layer l in place.
@@ -295,6 +297,6 @@ def make_layerwise_train_step(config: LlamaConfig,
 
     new_params = {**embed, "layers": stack, **head}
     return new_params, LayerwiseState(embed_state, layers_state,
-                                      head_state), loss
+                                      head_state), loss_value
 
   return step

@@ -47,7 +47,6 @@ from typing import Any, NamedTuple
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import optax
 
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
@@ -432,29 +431,6 @@ def tied_logits(x: jax.Array, embedding: jax.Array, dtype: Any) -> jax.Array:
   """``x @ embedding.T`` in ``dtype`` with float32 accumulation and output."""
   return jnp.einsum("...d,vd->...v", x.astype(dtype), embedding.astype(dtype),
                     preferred_element_type=jnp.float32)
-
-
-def cross_entropy_loss(logits: jax.Array, targets: jax.Array,
-                       mask: jax.Array | None = None) -> jax.Array:
-  """Mean next-token cross-entropy in float32.
-
-  Args:
-    logits: ``[B, T, V]`` predictions for the token after each position.
-    targets: ``int[B, T]``, the token that follows each position, i.e. the
-      inputs shifted left by one (the caller does the shift).
-    mask: Optional ``[B, T]`` weights (1 = count, 0 = ignore, e.g. padding).
-
-  Returns:
-    The (masked) mean loss over positions; 0 if the mask is all zero.
-  """
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), targets)
-  if mask is None:
-    return jnp.mean(losses)
-  mask = mask.astype(jnp.float32)
-  # An all-zero mask gives 0 / tiny = 0 rather than NaN.
-  return jnp.sum(losses * mask) / jnp.maximum(
-      jnp.sum(mask), jnp.finfo(jnp.float32).tiny)
 
 
 def _as_config(config: LlamaConfig | str) -> LlamaConfig:

@@ -33,6 +33,7 @@ from optax import contrib
 
 import apollo_optax
 from apollo_lm.configs import LlamaConfig
+from apollo_lm.errors import ConfigError
 
 OPTIMIZER_NAMES: Final[tuple[str, ...]] = (
     "adamw", "apollo", "apollo_mini", "galore", "adafactor")
@@ -51,9 +52,8 @@ class OptimizerDefaults:
 
   Attributes:
     learning_rate: Peak learning rate of the warm-up + cosine schedule.
-    rank_divisor: Rank = ``hidden_size // rank_divisor`` for low-rank methods
-      (4 in the paper: "one-quarter of the original dimension"); None for
-      optimizers without a rank (APOLLO-Mini is always rank 1).
+    has_rank: whether the optimizer has a rank to set (APOLLO, GaLore); its
+      default is :func:`default_rank`. APOLLO-Mini is always rank 1.
     scale: APOLLO's ``scale`` (the update is multiplied by its square root) or
       GaLore's ``scale`` (multiplies the projected-back update); None if the
       optimizer has none.
@@ -64,7 +64,7 @@ class OptimizerDefaults:
   """
 
   learning_rate: float
-  rank_divisor: int | None = None
+  has_rank: bool = False
   scale: float | None = None
   b1: float = 0.9
   b2: float = 0.999
@@ -86,19 +86,34 @@ class OptimizerDefaults:
 DEFAULTS: Final[dict[str, OptimizerDefaults]] = {
     "adamw": OptimizerDefaults(learning_rate=1e-3),
     "apollo": OptimizerDefaults(
-        learning_rate=1e-2, rank_divisor=4, scale=1.0, eps=1e-6),
+        learning_rate=1e-2, has_rank=True, scale=1.0, eps=1e-6),
     "apollo_mini": OptimizerDefaults(learning_rate=1e-2, scale=128.0, eps=1e-6),
-    "galore": OptimizerDefaults(learning_rate=1e-2, rank_divisor=4, scale=0.25),
+    "galore": OptimizerDefaults(learning_rate=1e-2, has_rank=True, scale=0.25),
     "adafactor": OptimizerDefaults(learning_rate=1e-3),
 }
 
 
+MAX_DEFAULT_RANK: Final[int] = 256
+
+
+def default_rank(hidden_size: int) -> int:
+  """The paper's APOLLO/GaLore rank: ``min(hidden_size // 4, 256)``.
+
+  The official pre-training scripts use a quarter of the hidden size up to
+  256: 128 (60M), 192 (130M) and 256 for 350M, 1B, 7B and 13B. The job, the
+  memory benchmarks and the README tables all use this one rule.
+
+  >>> [default_rank(h) for h in (512, 768, 1024, 2048, 4096, 5120)]
+  [128, 192, 256, 256, 256, 256]
+  """
+  return max(1, min(hidden_size // 4, MAX_DEFAULT_RANK))
+
+
 def check_name(name: str, flag: str = "optimizer") -> None:
-  """Raises a ValueError naming ``flag`` unless ``name`` is an optimizer."""
+  """Raises a :class:`ConfigError` for ``flag`` unless ``name`` is an optimizer."""
   if name not in DEFAULTS:
-    raise ValueError(
-        f"{flag}: unknown optimizer {name!r}; allowed: "
-        f"{', '.join(OPTIMIZER_NAMES)}.")
+    raise ConfigError(flag, f"unknown optimizer {name!r}; allowed: "
+                      f"{', '.join(OPTIMIZER_NAMES)}.")
 
 
 def resolve_hparams(name: str, config: LlamaConfig, *,
@@ -114,7 +129,7 @@ def resolve_hparams(name: str, config: LlamaConfig, *,
     name: One of :data:`OPTIMIZER_NAMES`.
     config: The model config; its ``hidden_size`` sets the default rank.
     learning_rate: Peak learning rate; None for the default.
-    rank: Projection rank; None for ``hidden_size // rank_divisor``.
+    rank: Projection rank; None for :func:`default_rank`.
     scale: APOLLO/GaLore scale; None for the default.
     scale_type: APOLLO's scaling granularity, ``"channel"`` or ``"tensor"``;
       None for the default (channel for apollo, tensor for apollo_mini).
@@ -129,7 +144,7 @@ def resolve_hparams(name: str, config: LlamaConfig, *,
     and summaries.
 
   Raises:
-    ValueError: unknown ``name``, or a rank/scale/APOLLO option for an
+    ConfigError: unknown ``name``, or a rank/scale/APOLLO option for an
       optimizer without it; the message names the option.
   """
   check_name(name)
@@ -140,30 +155,28 @@ def resolve_hparams(name: str, config: LlamaConfig, *,
     if value is None:
       continue
     if not is_apollo:
-      raise ValueError(
-          f"{option}: {name!r} has no {option} (only "
-          f"{' and '.join(APOLLO_NAMES)} do).")
+      raise ConfigError(option, f"{name!r} has no {option} (only "
+                        f"{' and '.join(APOLLO_NAMES)} do).")
     if value not in allowed:
-      raise ValueError(
-          f"{option}: unknown value {value!r}; allowed: "
-          f"{', '.join(allowed)}.")
+      raise ConfigError(option, f"unknown value {value!r}; allowed: "
+                        f"{', '.join(allowed)}.")
   if name == "apollo_mini" and scale_type not in (None, "tensor"):
-    raise ValueError(
-        f"scale_type: apollo_mini is tensor-wise by definition, got "
+    raise ConfigError(
+        "scale_type", f"apollo_mini is tensor-wise by definition, got "
         f"{scale_type!r}; for channel-wise rank 1 use optimizer 'apollo' "
         "with rank 1.")
   if not limiter and not is_apollo:
-    raise ValueError(
-        f"limiter: {name!r} has no norm-growth limiter to turn off (only "
+    raise ConfigError(
+        "limiter", f"{name!r} has no norm-growth limiter to turn off (only "
         f"{' and '.join(APOLLO_NAMES)} do).")
-  if rank is not None and defaults.rank_divisor is None:
-    raise ValueError(
-        f"rank: {name!r} has no rank to set (only apollo and galore do; "
+  if rank is not None and not defaults.has_rank:
+    raise ConfigError(
+        "rank", f"{name!r} has no rank to set (only apollo and galore do; "
         "apollo_mini is rank 1).")
   if scale is not None and defaults.scale is None:
-    raise ValueError(f"scale: {name!r} has no scale to set.")
-  if defaults.rank_divisor is not None and rank is None:
-    rank = max(1, config.hidden_size // defaults.rank_divisor)
+    raise ConfigError("scale", f"{name!r} has no scale to set.")
+  if defaults.has_rank and rank is None:
+    rank = default_rank(config.hidden_size)
   elif name == "apollo_mini":
     rank = 1
   if is_apollo:
@@ -189,9 +202,8 @@ def make_schedule(peak_value: float, total_steps: int,
   counts ``decay_steps`` from step 0).
   """
   if not 0 <= warmup_steps < total_steps:
-    raise ValueError(
-        f"warmup_steps={warmup_steps} must be in [0, total_steps="
-        f"{total_steps}).")
+    raise ConfigError("warmup_steps", f"must be in [0, total_steps="
+                      f"{total_steps}), got {warmup_steps}.")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak_value, warmup_steps=warmup_steps,
       decay_steps=total_steps, end_value=MIN_LR_RATIO * peak_value)
@@ -301,7 +313,7 @@ def make_optimizer(
       cosine schedule), a schedule used as is, or None for the default peak.
     total_steps: Length of the schedule (including warm-up).
     warmup_steps: Linear warm-up steps.
-    config: Model config; sets the default rank (``hidden_size // 4``).
+    config: Model config; sets the default rank (:func:`default_rank`).
     rank: Projection rank of ``apollo``/``galore``; None for the default.
     scale: ``scale`` of ``apollo``/``apollo_mini``/``galore``; None for the
       default.
@@ -324,7 +336,7 @@ def make_optimizer(
     The ``optax.GradientTransformation``.
 
   Raises:
-    ValueError: unknown ``name``, bad warm-up, or a rank/scale that the
+    ConfigError: unknown ``name``, bad warm-up, or a rank/scale that the
       optimizer does not take.
   """
   peak = None if callable(learning_rate) else learning_rate
@@ -362,12 +374,11 @@ def make_optimizer(
                          weight_decay_mask=decay_mask)
   if non_lowrank_lr is not None:
     if callable(learning_rate):
-      raise ValueError(
-          "non_lowrank_lr: needs a float learning_rate (or None), not a "
+      raise ConfigError(
+          "non_lowrank_lr", "needs a float learning_rate (or None), not a "
           "schedule, to scale the schedule of the other leaves by.")
     if not non_lowrank_lr > 0:
-      raise ValueError(
-          f"non_lowrank_lr: must be > 0, got {non_lowrank_lr}.")
+      raise ConfigError("non_lowrank_lr", f"must be > 0, got {non_lowrank_lr}.")
     tx = optax.chain(tx, _scale_non_lowrank(
         non_lowrank_lr / hp["learning_rate"]))
   if grad_clip is not None:

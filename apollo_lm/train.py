@@ -81,6 +81,7 @@ from apollo_lm import layerwise
 from apollo_lm import model as model_lib
 from apollo_lm import optimizers
 from apollo_lm import sharding as sharding_lib
+from apollo_lm import steps
 
 _BATCH_AXES = ("data", "fsdp")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
   opt.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warm-up steps (default: 10%% of --steps)")
   opt.add_argument("--rank", type=int, default=None,
-                   help="apollo/galore rank (default: hidden_size // 4)")
+                   help="apollo/galore rank (default: min(hidden_size // 4, 256))")
   opt.add_argument("--scale", type=float, default=None,
                    help="apollo/apollo_mini/galore scale (default: per "
                    "optimizer)")
@@ -456,8 +457,7 @@ def _load_data(args: argparse.Namespace, layout: _Layout,
   return _Data(train, eval_batches, corpus.vocab_size, corpus.description)
 
 
-def _global_batch(batch: data_lib.Batch, layout: _Layout) -> tuple[jax.Array,
-                                                                    jax.Array]:
+def _global_batch(batch: data_lib.Batch, layout: _Layout) -> steps.Batch:
   """This process's rows -> global ``(A, B / A, T)`` arrays over the mesh.
 
   Local row ``i`` goes to micro-batch ``i % A``: with every process holding
@@ -472,7 +472,7 @@ def _global_batch(batch: data_lib.Batch, layout: _Layout) -> tuple[jax.Array,
     return jax.make_array_from_process_local_data(
         layout.batch_sharding, np.ascontiguousarray(local), shape)
 
-  return put(batch[0]), put(batch[1])
+  return steps.Batch(put(batch[0]), put(batch[1]))
 
 
 # ---------------------------------------------------------------------------
@@ -482,66 +482,51 @@ def _global_batch(batch: data_lib.Batch, layout: _Layout) -> tuple[jax.Array,
 def _make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 param_shardings: Any, opt_shardings: Any, layout: _Layout,
                 config: configs.LlamaConfig, layer_wise: bool):
-  """The jitted ``train_step`` and ``eval_step`` of a run.
+  """The jitted :mod:`apollo_lm.steps` ``train_step`` and ``eval_step``.
 
-  With ``layer_wise``, ``train_step`` is
-  :func:`apollo_lm.layerwise.make_layerwise_train_step` (``opt_state`` a
-  ``LayerwiseState``, no ``grad_norm`` metric); ``eval_step`` dequantizes
-  int8 parameters.
+  Both take a ``steps.Batch`` of ``(A, B / A, T)`` arrays (``A`` =
+  ``--grad-accum``; 1 with ``layer_wise`` and for evaluation).
   """
-
-  def loss_fn(params, inputs, targets):
-    logits = nnx.merge(graphdef, params)(inputs)
-    return model_lib.cross_entropy_loss(logits, targets)
-
   if layer_wise:
-    step_fn = layerwise.make_layerwise_train_step(config, tx)
+    step_fn = steps.make_layerwise_train_step(config, tx)
 
-    def train_step(params, opt_state, inputs, targets):
-      # grad_accum is 1: tokens [B, T + 1] are the inputs and last targets.
-      tokens = jnp.concatenate([inputs[0], targets[0, :, -1:]], axis=1)
-      params, opt_state, loss = step_fn(params, opt_state, tokens)
-      return params, opt_state, {"loss": loss}
+    def train_step(params, opt_state, batch):
+      return step_fn(params, opt_state, jax.tree.map(lambda x: x[0], batch))
 
     compiler_options = layerwise.compiler_options()
   else:
-    grad_fn = jax.value_and_grad(loss_fn)
-
-    def train_step(params, opt_state, inputs, targets):
-      def micro_step(grads_sum, batch):
-        loss, grads = grad_fn(params, *batch)
-        return jax.tree.map(jnp.add, grads_sum, grads), loss
-
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      grads, losses = jax.lax.scan(micro_step, zeros, (inputs, targets))
-      grads = jax.tree.map(lambda g: g / layout.grad_accum, grads)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      metrics = {"loss": jnp.mean(losses),
-                 "grad_norm": optax.tree.norm(grads)}
-      return params, opt_state, metrics
-
+    train_step = steps.make_train_step(graphdef, tx,
+                                       grad_accum=layout.grad_accum)
     compiler_options = None
 
   train_step = jax.jit(
       train_step, donate_argnums=(0, 1),
       out_shardings=(param_shardings, opt_shardings, None),
       compiler_options=compiler_options)
-
-  @jax.jit
-  def eval_step(params, inputs, targets):
-    params = apollo_optax.dequantize_params(params, config.param_dtype)
-    return loss_fn(params, inputs[0], targets[0])
-
+  eval_fn = steps.make_eval_step(graphdef, config.param_dtype)
+  eval_step = jax.jit(
+      lambda params, batch: eval_fn(params,
+                                    jax.tree.map(lambda x: x[0], batch)))
   return train_step, eval_step
 
 
 def _evaluate(eval_step, params, batches: Sequence[data_lib.Batch],
               layout: _Layout) -> float:
+  """Held-out loss: the token-weighted mean of the batches' losses.
+
+  Each batch's mean is taken in float32 (as the step's loss), and batches of
+  equal token counts are averaged plainly, which keeps the committed
+  pre-training results bit-identical.
+  """
   eval_layout = dataclasses.replace(layout, batch_size=layout.micro_batch,
                                     grad_accum=1)
-  losses = [eval_step(params, *_global_batch(b, eval_layout)) for b in batches]
-  return float(np.mean([float(l) for l in losses]))
+  sums, counts = zip(*(eval_step(params, _global_batch(b, eval_layout))
+                       for b in batches))
+  counts = np.array([float(c) for c in counts])
+  means = [float(np.float32(s) / np.float32(c)) for s, c in zip(sums, counts)]
+  if np.all(counts == counts[0]):
+    return float(np.mean(means))
+  return float(np.average(means, weights=counts))
 
 
 def memory_in_use() -> tuple[int, str]:
@@ -765,10 +750,9 @@ def train(args: argparse.Namespace | Mapping[str, Any] | Sequence[str]
     with _stop_on_signals() as stop, jax.set_mesh(layout.mesh):
       batches = data.batches_from(start_step)
       while step < last_step:
-        inputs, targets = _global_batch(next(batches), layout)
+        batch = _global_batch(next(batches), layout)
         t0 = time.perf_counter()
-        params, opt_state, metrics = train_step(params, opt_state, inputs,
-                                                targets)
+        params, opt_state, metrics = train_step(params, opt_state, batch)
         loss = float(metrics["loss"])
         if step > start_step:  # The first step of a call compiles.
           train_time += time.perf_counter() - t0

@@ -58,6 +58,7 @@ import apollo_optax
 from apollo_lm import layerwise
 from apollo_lm import model as model_lib
 from apollo_lm import sharding as sharding_lib
+from apollo_lm import steps
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 from benchmarks import common
@@ -111,7 +112,7 @@ def build(config: LlamaConfig, method: str, devices: list[Any], layout: str,
       p, qapollo_memory.GROUP_SIZE)) if method.startswith("q_") else None
   if method.endswith("layerwise"):
     init = lambda p: layerwise.init_layerwise_state(tx, p)
-    step = layerwise.make_layerwise_train_step(config, tx)
+    step = common.on_tokens(steps.make_layerwise_train_step(config, tx))
   else:
     init = tx.init
     step = common.make_train_step(config, tx)

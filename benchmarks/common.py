@@ -30,6 +30,7 @@ from optax import contrib
 import apollo_optax
 from apollo_lm import model as model_lib
 from apollo_lm import optimizers
+from apollo_lm import steps
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 
@@ -183,17 +184,13 @@ def smoke_config(**overrides: Any) -> LlamaConfig:
   return get_config("tiny", vocab_size=512, **overrides)
 
 
-def paper_rank(config: LlamaConfig) -> int:
-  """APOLLO/GaLore rank of the paper: hidden/4 up to 1B, 256 above."""
-  return config.hidden_size // 4 if config.hidden_size <= 2048 else 256
-
-
 def make_tx(name: str, config: LlamaConfig, *, mu_dtype: Any = None,
             **apollo_options: Any) -> optax.GradientTransformation:
   """The optimizer ``name`` (one of :data:`OPTIMIZERS`) for ``config``.
 
-  ``apollo_lm.optimizers.make_optimizer`` with its (the paper's) defaults and
-  :func:`paper_rank`; the schedule does not matter here. ``sgd_momentum`` is
+  ``apollo_lm.optimizers.make_optimizer`` with its (the paper's) defaults,
+  including :func:`apollo_lm.optimizers.default_rank`; the schedule does not
+  matter here. ``sgd_momentum`` is
   ``optax.sgd(momentum=0.9)``. ``mu_dtype`` (bfloat16 states of APOLLO with
   bfloat16 params, whose moments otherwise stay at least float32) builds
   ``apollo_optax.apollo``/``apollo_mini`` directly with that moment dtype,
@@ -202,16 +199,16 @@ def make_tx(name: str, config: LlamaConfig, *, mu_dtype: Any = None,
   """
   if name == "sgd_momentum":
     return optax.sgd(1e-3, momentum=0.9)
-  rank = paper_rank(config) if name in ("apollo", "galore") else None
   if apollo_options and name not in ("apollo", "apollo_mini"):
     raise ValueError(f"apollo_options {sorted(apollo_options)} are only for"
                      f" 'apollo' and 'apollo_mini', got {name!r}.")
   if (mu_dtype is not None or apollo_options) and name == "apollo":
+    rank = optimizers.default_rank(config.hidden_size)
     return apollo_optax.apollo(1e-2, rank, mu_dtype=mu_dtype, **apollo_options)
   if (mu_dtype is not None or apollo_options) and name == "apollo_mini":
     return apollo_optax.apollo_mini(1e-2, mu_dtype=mu_dtype, **apollo_options)
   return optimizers.make_optimizer(name, total_steps=1000, warmup_steps=100,
-                                   config=config, rank=rank)
+                                   config=config)
 
 
 def force_galore_refresh(state: Any) -> Any:
@@ -228,16 +225,9 @@ def force_galore_refresh(state: Any) -> Any:
 # --------------------------------------------------------------- train step --
 
 
-def _split(config: LlamaConfig) -> tuple[nnx.GraphDef, Any]:
-  """Graph definition and abstract parameters (plain dict) of ``config``."""
-  graphdef, state = nnx.split(
-      nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0))))
-  return graphdef, nnx.to_pure_dict(state)
-
-
 def abstract_params(config: LlamaConfig, dtype: Any = None) -> Any:
-  """Parameters as a plain dict of ``ShapeDtypeStruct`` (optionally recast)."""
-  tree = _split(config)[1]
+  """:func:`apollo_lm.model.abstract_state` as a plain dict (optionally recast)."""
+  tree = nnx.to_pure_dict(model_lib.abstract_state(config))
   if dtype is None:
     return tree
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), tree)
@@ -254,43 +244,32 @@ def init_params(config: LlamaConfig, seed: int = 0) -> Any:
   return build()
 
 
-def make_loss_fn(config: LlamaConfig) -> Callable[[Any, jax.Array], jax.Array]:
-  """``loss(params, tokens[B, T+1])``: next-token cross-entropy of Llama."""
-  graphdef = _split(config)[0]
-
-  def loss_fn(params: Any, tokens: jax.Array) -> jax.Array:
-    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-    return model_lib.cross_entropy_loss(logits, tokens[:, 1:])
-
-  return loss_fn
-
-
 def make_train_step(config: LlamaConfig, tx: optax.GradientTransformation,
                     ) -> Callable[..., tuple[Any, Any, jax.Array]]:
-  """``step(params, opt_state, tokens) -> (params, opt_state, loss)``."""
-  loss_fn = make_loss_fn(config)
+  """``step(params, opt_state, tokens[B, T+1]) -> (params, opt_state, loss)``.
 
-  def train_step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  :func:`apollo_lm.steps.make_train_step` (no accumulation, no gradient-norm
+  metric: the compiled program is the update alone) on
+  ``steps.Batch.from_tokens(tokens)``.
+  """
+  graphdef = nnx.graphdef(
+      nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0))))
+  return on_tokens(steps.make_train_step(graphdef, tx, with_grad_norm=False))
 
-  return train_step
 
+def on_tokens(step: steps.TrainStep) -> Callable[..., tuple[Any, Any, jax.Array]]:
+  """An :mod:`apollo_lm.steps` train step taking ``tokens[B, T+1]``.
 
-def make_update_step(tx: optax.GradientTransformation,
-                     ) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
-  """``update(params, opt_state, grads) -> (params, opt_state)``.
-
-  The donated arguments come first: with the (not donated) gradients first,
-  XLA:CPU inserted full-size copies into AdamW's update (4x its time on 60M).
+  Returns ``step(params, opt_state, tokens) -> (params, opt_state, loss)``:
+  the benchmarks' inputs are one token array (:func:`token_spec`).
   """
 
-  def update_step(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  def train_step(params, opt_state, tokens):
+    params, opt_state, metrics = step(params, opt_state,
+                                      steps.Batch.from_tokens(tokens))
+    return params, opt_state, metrics["loss"]
 
-  return update_step
+  return train_step
 
 
 def token_spec(batch: int, seq_len: int) -> jax.ShapeDtypeStruct:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import apollo_optax
+from apollo_lm import optimizers
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 from benchmarks import common
@@ -103,7 +104,7 @@ def measure(config: LlamaConfig, dtype: Any) -> dict[str, Any]:
   params = common.abstract_params(config, dtype)
   itemsize = np.dtype(dtype).itemsize
   num_params = sum(p.size for p in jax.tree.leaves(params))
-  rank = common.paper_rank(config)
+  rank = optimizers.default_rank(config.hidden_size)
   mu_dtype = None if dtype == jnp.float32 else dtype
   row = {"params": num_params, "rank": rank,
          "weights_bytes": num_params * itemsize,
@@ -127,7 +128,7 @@ def measure(config: LlamaConfig, dtype: Any) -> dict[str, Any]:
 def lowrank_split(config: LlamaConfig, name: str, itemsize: int) -> int:
   """Bytes of the low-rank part only (matrices) of APOLLO(-Mini)'s state."""
   params = common.abstract_params(config)
-  rank = common.paper_rank(config) if name == "apollo" else 1
+  rank = optimizers.default_rank(config.hidden_size) if name == "apollo" else 1
   total = 0
   for lowrank, shape in _leaves(params):
     if lowrank:

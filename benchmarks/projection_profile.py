@@ -38,6 +38,8 @@ import optax
 
 import apollo_optax
 from apollo_optax._src import projection as proj
+from apollo_lm import optimizers
+from apollo_lm import steps
 from apollo_lm.configs import get_config
 from benchmarks import common
 
@@ -161,7 +163,7 @@ def hlo_passes(config: Any, params: Any, grads: Any, updates: list[str],
   for variant in updates:
     name, options = UPDATES[variant]
     tx = common.make_tx(name, config, **options)
-    step = jax.jit(common.make_update_step(tx), donate_argnums=(0, 1))
+    step = jax.jit(steps.make_update_step(tx), donate_argnums=(0, 1))
     state = jax.eval_shape(tx.init, params)
     text = step.lower(params, state, grads).compile().as_text()
     header = text[text.index("\nENTRY") + 1:].splitlines()[0]
@@ -179,7 +181,7 @@ def measure(config_name: str, rounds: int, calls: int, warmup: int,
             updates: list[str]) -> dict[str, Any]:
   config = get_config(config_name) if config_name != "smoke" else (
       common.smoke_config())
-  rank = common.paper_rank(config)
+  rank = optimizers.default_rank(config.hidden_size)
   params = common.init_params(config)
   keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(params)))
   grads = jax.tree.unflatten(
@@ -219,7 +221,7 @@ def measure(config_name: str, rounds: int, calls: int, warmup: int,
   for variant in updates:
     name, options = UPDATES[variant]
     tx = common.make_tx(name, config, **options)
-    update = jax.jit(common.make_update_step(tx), donate_argnums=(0, 1))
+    update = jax.jit(steps.make_update_step(tx), donate_argnums=(0, 1))
 
     def make_args(tx=tx):
       fresh = jax.tree.map(lambda x: x + 0.0, params)

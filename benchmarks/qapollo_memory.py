@@ -8,7 +8,7 @@ updated in place). Methods:
 
 * AdamW, APOLLO (rank 256, channel), APOLLO-Mini: the ordinary step (whole
   gradient, then ``tx.update``);
-* APOLLO-Mini + layer-wise: :func:`apollo_lm.layerwise.make_layerwise_train_step`;
+* APOLLO-Mini + layer-wise: :func:`apollo_lm.steps.make_layerwise_train_step`;
 * Q-APOLLO-Mini + layer-wise: the same with int8 attention/MLP kernels (group
   128, float32 scales) and :func:`apollo_optax.quantized_weights`.
 
@@ -31,14 +31,14 @@ import argparse
 import time
 from typing import Any
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
 
 import apollo_optax
 from apollo_lm import layerwise
-from apollo_lm import model as model_lib
+from apollo_lm import optimizers
+from apollo_lm import steps
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 from benchmarks import common
@@ -63,26 +63,12 @@ def _tx(method: str, config: LlamaConfig) -> optax.GradientTransformation:
   if method == "adamw":
     return optax.adamw(1e-3, mu_dtype=moments)
   if method == "apollo":
-    return apollo_optax.apollo(1e-2, min(256, config.hidden_size // 4),
-                               mu_dtype=moments)
+    return apollo_optax.apollo(
+        1e-2, optimizers.default_rank(config.hidden_size), mu_dtype=moments)
   tx = apollo_optax.apollo_mini(1e-2, mu_dtype=moments)
   if method.startswith("q_"):
     tx = apollo_optax.quantized_weights(tx, key=jax.random.key(0))
   return tx
-
-
-def _ordinary_step(graphdef: Any, tx: optax.GradientTransformation):
-
-  def step(params, opt_state, tokens):
-    def loss_fn(p):
-      logits = nnx.merge(graphdef, p)(tokens[:, :-1])
-      return model_lib.cross_entropy_loss(logits, tokens[:, 1:])
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
 
 
 def measure(config: LlamaConfig, method: str,
@@ -91,8 +77,7 @@ def measure(config: LlamaConfig, method: str,
 
   Compiled for one device of ``target`` (see :mod:`benchmarks.targets`).
   """
-  abstract = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
-  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  params = common.abstract_params(config)
   tx = _tx(method, config)
   if method.startswith("q_"):
     params = jax.eval_shape(
@@ -100,10 +85,10 @@ def measure(config: LlamaConfig, method: str,
   if method.endswith("layerwise"):
     opt_state = jax.eval_shape(
         lambda p: layerwise.init_layerwise_state(tx, p), params)
-    step = layerwise.make_layerwise_train_step(config, tx)
+    step = common.on_tokens(steps.make_layerwise_train_step(config, tx))
   else:
     opt_state = jax.eval_shape(tx.init, params)
-    step = _ordinary_step(nnx.graphdef(abstract), tx)
+    step = common.make_train_step(config, tx)
   device = targets.devices(target, 1)
   params, opt_state, tokens = targets.on_devices(
       (params, opt_state, jax.ShapeDtypeStruct((BATCH, SEQ_LEN + 1), jnp.int32)),

@@ -42,7 +42,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import argparse
 import math
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,8 @@ import optax
 
 import apollo_optax
 from apollo_lm import model as model_lib
+from apollo_lm import optimizers
+from apollo_lm import steps
 from apollo_lm.configs import get_config
 from benchmarks import common
 
@@ -160,13 +162,6 @@ def per_device_bytes(tree: Any) -> int:
   return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
-def _step(tx: optax.GradientTransformation) -> Callable[..., Any]:
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-  return step
-
-
 def measure(tx: optax.GradientTransformation, layout: str, mode: str,
             abstract: dict[str, Any]) -> dict[str, Any]:
   """Compiles one update in ``layout``/``mode``; its collectives and memory."""
@@ -183,14 +178,14 @@ def measure(tx: optax.GradientTransformation, layout: str, mode: str,
   with jax.set_mesh(mesh):
     if mode == "explicit":
       state = jax.jit(tx.init)(params)
-      compiled = jax.jit(_step(tx)).lower(params, state, params).compile()
+      compiled = jax.jit(steps.make_update_step(tx)).lower(params, state, params).compile()
     else:
       state_sh = apollo_optax.state_shardings(tx, params)
       if mode == "replicated_state":
         state_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), state_sh)
       state = jax.jit(tx.init, out_shardings=state_sh)(params)
       compiled = jax.jit(
-          _step(tx), in_shardings=(shardings, state_sh, shardings),
+          steps.make_update_step(tx), in_shardings=(shardings, state_sh, shardings),
           out_shardings=(shardings, state_sh),
       ).lower(params, state, params).compile()
   found = collectives(compiled.as_text())
@@ -214,7 +209,7 @@ def measure(tx: optax.GradientTransformation, layout: str, mode: str,
 def run() -> dict[str, Any]:
   abstract = block_params("60m")
   config = get_config("60m")
-  rank = common.paper_rank(config)
+  rank = optimizers.default_rank(config.hidden_size)
   optimizers = {
       "apollo": (apollo_optax.apollo(1e-3, rank=rank), rank),
       "apollo_mini": (apollo_optax.apollo_mini(1e-3), 1),

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apollo_lm import steps
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 from benchmarks import common
@@ -78,7 +79,7 @@ def measure(config: LlamaConfig, name: str, batches: list[int],
     if jax.default_backend() == "gpu" and target.name == "cpu":
       entry["gpu_peak_bytes"] = _gpu_peak(step, config, tx, batch)
     result["by_batch"][str(batch)] = entry
-  update = jax.jit(common.make_update_step(tx), donate_argnums=(0, 1))
+  update = jax.jit(steps.make_update_step(tx), donate_argnums=(0, 1))
   result["update_only"] = targets.memory_bytes(
       update.lower(params, opt_state, params).compile())
   totals = [result["by_batch"][str(b)]["total_bytes"] for b in batches]

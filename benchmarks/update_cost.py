@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from apollo_lm import steps
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 from benchmarks import common
@@ -180,7 +181,7 @@ def measure(config: LlamaConfig, name: str, target: targets.Target,
     device = targets.devices(backend, 1)
     params = targets.on_devices(abstract, device)
     state = targets.on_devices(jax.eval_shape(tx.init, params), device)
-    lowered = jax.jit(common.make_update_step(tx),
+    lowered = jax.jit(steps.make_update_step(tx),
                       donate_argnums=(0, 1)).lower(params, state, params)
     if lowered_only:
       cost = lowered.cost_analysis() or {}

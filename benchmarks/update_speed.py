@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 
 import apollo_optax
+from apollo_lm import optimizers
+from apollo_lm import steps
 from apollo_lm.configs import get_config
 from apollo_lm.configs import LlamaConfig
 from benchmarks import common
@@ -118,7 +120,7 @@ def _jax_runner(config: LlamaConfig, variant: str, params: Any, grads: Any,
                 calls: int, warmup: int) -> Callable[[int], list[float]]:
   """A runner for :func:`common.interleaved_medians` timing one variant."""
   tx = common.make_tx(VARIANTS[variant], config, **OPTIONS.get(variant, {}))
-  plain_step = common.make_update_step(tx)
+  plain_step = steps.make_update_step(tx)
 
   def update_step(params, state, grads):
     if variant == "galore_refresh":
@@ -203,7 +205,7 @@ def measure(config: LlamaConfig, variants: list[str], rounds: int, calls: int, w
       jax.tree.structure(params),
       [1e-3 * jax.random.normal(k, p.shape, p.dtype)
        for k, p in zip(keys, jax.tree.leaves(params))])
-  rank = common.paper_rank(config)
+  rank = optimizers.default_rank(config.hidden_size)
   runners = {"copy_256MiB": _copy_runner(calls)}
   # The projections' matmul rate in the same rounds (R = G Pᵀ of every
   # low-rank matrix at the tree's rank; float32, and bfloat16 inputs).

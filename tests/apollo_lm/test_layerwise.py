@@ -17,6 +17,7 @@ from apollo_lm import configs
 from apollo_lm import data
 from apollo_lm import layerwise
 from apollo_lm import model as model_lib
+from apollo_lm import steps
 
 SMALL = configs.LlamaConfig(
     name="test", hidden_size=32, intermediate_size=64, num_heads=4,
@@ -42,17 +43,7 @@ def _params(config: configs.LlamaConfig, seed: int = 0):
 
 def _ordinary_step(graphdef, tx):
   """Whole gradient, then ``tx.update``: the reference."""
-
-  def loss_fn(params, tokens):
-    logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-    return model_lib.cross_entropy_loss(logits, tokens[:, 1:])
-
-  def step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
+  return steps.make_train_step(graphdef, tx, with_grad_norm=False)
 
 
 def test_matrix_index_offset_draws_the_stack_projection():
@@ -98,15 +89,16 @@ def test_layerwise_matches_ordinary_step(name, config):
       "apollo_mini": apollo_optax.apollo_mini(schedule, update_proj_gap=2),
   }[name]
   ordinary = jax.jit(_ordinary_step(graphdef, tx))
-  lw = jax.jit(layerwise.make_layerwise_train_step(config, tx))
+  lw = jax.jit(steps.make_layerwise_train_step(config, tx))
   p1, s1 = params, jax.jit(tx.init)(params)
   p2, s2 = params, jax.jit(layerwise.init_layerwise_state,
                            static_argnums=0)(tx, params)
   all_tokens = jax.random.randint(jax.random.key(1), (4, 2, 17), 0, 64)
   for tokens in all_tokens:
-    p1, s1, loss1 = ordinary(p1, s1, tokens)
-    p2, s2, loss2 = lw(p2, s2, tokens)
-    np.testing.assert_allclose(loss2, loss1, rtol=1e-6)
+    batch = steps.Batch.from_tokens(tokens)
+    p1, s1, metrics1 = ordinary(p1, s1, batch)
+    p2, s2, metrics2 = lw(p2, s2, batch)
+    np.testing.assert_allclose(metrics2["loss"], metrics1["loss"], rtol=1e-6)
   chex.assert_trees_all_close(p2, p1, atol=1e-6, rtol=0)
   # The parameters did move (well beyond the tolerance).
   moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), p1, params)
@@ -145,19 +137,18 @@ def test_q_apollo_mini_trains_like_apollo_mini(tmp_path, monkeypatch):
   config = configs.get_config("tiny", vocab_size=corpus.vocab_size,
                               dtype=jnp.float32, max_seq_len=64)
   graphdef, params = _params(config)
-  steps, batches = 60, corpus.batches(8, 64, seed=0)
-  evals = [np.concatenate([x, y[:, -1:]], axis=1)
-           for x, y in corpus.eval_batches(4, 8, 64)]
+  num_steps, batches = 60, corpus.batches(8, 64, seed=0)
+  evals = [steps.Batch(x, y) for x, y in corpus.eval_batches(4, 8, 64)]
+  eval_step = steps.make_eval_step(graphdef)
 
   @jax.jit
   def eval_loss(params):
-    params = apollo_optax.dequantize_params(params)
-    losses = [model_lib.cross_entropy_loss(
-        nnx.merge(graphdef, params)(t[:, :-1]), t[:, 1:]) for t in evals]
-    return jnp.mean(jnp.stack(losses))
+    sums, counts = zip(*(eval_step(params, batch) for batch in evals))
+    return sum(sums) / sum(counts)
 
   def train(quantized):
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, steps, 1e-3)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, num_steps,
+                                                  1e-3)
     tx = apollo_optax.apollo_mini(schedule)
     p = jax.tree.map(jnp.copy, params)  # the step donates its inputs
     if quantized:
@@ -165,13 +156,12 @@ def test_q_apollo_mini_trains_like_apollo_mini(tmp_path, monkeypatch):
       p = layerwise.quantize_llama_params(p, group_size=32)
       tx = apollo_optax.quantized_weights(tx, key=jax.random.key(0))
     state = layerwise.init_layerwise_state(tx, p)
-    step = jax.jit(layerwise.make_layerwise_train_step(config, tx),
+    step = jax.jit(steps.make_layerwise_train_step(config, tx),
                    donate_argnums=(0, 1))
     start = float(eval_loss(p))
-    for i in range(steps):
-      x, y = batches.batch(i)
-      p, state, _ = step(p, state, jnp.asarray(
-          np.concatenate([x, y[:, -1:]], axis=1)))
+    for i in range(num_steps):
+      p, state, _ = step(p, state, steps.Batch(*map(jnp.asarray,
+                                                    batches.batch(i))))
     return start, float(eval_loss(p)), p
 
   start_q, end_q, pq = train(True)
@@ -185,9 +175,9 @@ def test_q_apollo_mini_trains_like_apollo_mini(tmp_path, monkeypatch):
 
 
 def _step_memory(config, tx, step_fn, params, opt_state):
-  tokens = jax.ShapeDtypeStruct((1, 65), jnp.int32)
+  tokens = jax.ShapeDtypeStruct((1, 64), jnp.int32)
   compiled = jax.jit(step_fn, donate_argnums=(0, 1)).lower(
-      params, opt_state, tokens).compile()
+      params, opt_state, steps.Batch(tokens, tokens)).compile()
   return compiled.memory_analysis()
 
 
@@ -201,7 +191,7 @@ def test_layerwise_needs_less_temporary_memory_60m():
   ordinary = _step_memory(config, tx, _ordinary_step(graphdef, tx), params,
                           jax.eval_shape(tx.init, params))
   lw = _step_memory(
-      config, tx, layerwise.make_layerwise_train_step(config, tx), params,
+      config, tx, steps.make_layerwise_train_step(config, tx), params,
       jax.eval_shape(lambda p: layerwise.init_layerwise_state(tx, p), params))
   # The ordinary step holds every gradient at once: at least the size of the
   # layer weights more temporary memory than the layer-wise step.

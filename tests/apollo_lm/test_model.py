@@ -16,6 +16,7 @@ import pytest
 from apollo_lm import configs
 from apollo_lm import model as model_lib
 from apollo_lm import sharding
+from apollo_lm import steps
 
 # Small enough to compile in about a second; every dimension is divisible by
 # the fsdp=4 / tensor=2 mesh used below.
@@ -265,8 +266,8 @@ def test_params_float32_compute_in_config_dtype(dtype):
 def _loss_and_grads(model: model_lib.Llama, tokens: jax.Array):
   """Next-token loss and its gradient; shared so that it compiles once."""
   def loss_fn(model):
-    logits = model(tokens[:, :-1])
-    return model_lib.cross_entropy_loss(logits, tokens[:, 1:])
+    batch = steps.Batch.from_tokens(tokens)
+    return steps.next_token_loss(model(batch.inputs), batch)
   return nnx.value_and_grad(loss_fn)(model)
 
 
@@ -311,21 +312,6 @@ def test_rotary_embedding_is_relative():
 # ----------------------------------------------------------------------------
 # Loss and training
 # ----------------------------------------------------------------------------
-
-
-def test_cross_entropy_loss():
-  logits = jax.random.normal(jax.random.key(0), (2, 3, 5), jnp.bfloat16)
-  targets = jnp.array([[0, 1, 2], [3, 4, 0]])
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-  per_token = -jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
-  loss = model_lib.cross_entropy_loss(logits, targets)
-  assert loss.dtype == jnp.float32 and loss.shape == ()
-  np.testing.assert_allclose(loss, per_token.mean(), rtol=1e-6)
-  mask = jnp.array([[1, 1, 0], [0, 1, 0]])
-  np.testing.assert_allclose(
-      model_lib.cross_entropy_loss(logits, targets, mask),
-      (per_token[0, 0] + per_token[0, 1] + per_token[1, 1]) / 3, rtol=1e-6)
-  assert model_lib.cross_entropy_loss(logits, targets, 0 * mask) == 0.0
 
 
 def test_adamw_steps_reduce_loss():

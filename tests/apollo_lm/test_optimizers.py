@@ -12,6 +12,7 @@ import apollo_optax
 from apollo_lm import configs
 from apollo_lm import model as model_lib
 from apollo_lm import optimizers
+from apollo_lm import steps as steps_lib
 
 pytestmark = pytest.mark.xdist_group("apollo_lm_optimizers")
 
@@ -33,17 +34,14 @@ def _losses(name, model_and_batch, steps=8, **kwargs):
   tx = optimizers.make_optimizer(name, total_steps=steps, warmup_steps=1,
                                  config=CONFIG, **kwargs)
 
-  def loss_fn(p):
-    logits = nnx.merge(graphdef, p)(tokens[:, :-1])
-    return model_lib.cross_entropy_loss(logits, tokens[:, 1:])
+  train_step = steps_lib.make_train_step(graphdef, tx, with_grad_norm=False)
+  batch = steps_lib.Batch.from_tokens(tokens)
 
   @jax.jit
   def run(p):
     def step(carry, _):
-      p, s = carry
-      loss, grads = jax.value_and_grad(loss_fn)(p)
-      updates, s = tx.update(grads, s, p)
-      return (optax.apply_updates(p, updates), s), loss
+      p, s, metrics = train_step(*carry, batch)
+      return (p, s), metrics["loss"]
     _, losses = jax.lax.scan(step, (p, tx.init(p)), None, length=steps)
     return losses
 
@@ -88,7 +86,7 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
   assert float(schedule(10)) == pytest.approx(1e-2)
   assert float(schedule(55)) == pytest.approx(0.55e-2, rel=1e-5)
   assert float(schedule(100)) == pytest.approx(1e-3)
-  with pytest.raises(ValueError, match="warmup_steps=100"):
+  with pytest.raises(ValueError, match=r"warmup_steps: must be in \[0, total_steps=100\), got 100"):
     optimizers.make_schedule(1e-2, total_steps=100, warmup_steps=100)
 
 

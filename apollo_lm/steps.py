@@ -1,0 +1,239 @@
+"""The one loss and the training and evaluation steps of ``apollo_lm``.
+
+Every entry point (``apollo_lm.train``, the demo, the benchmarks and the
+tests) builds its steps here; no other module computes the loss or applies an
+update. What this module owns:
+
+* :class:`Batch`: inputs, targets and the optional per-token loss mask,
+  segment ids and positions (the last three are None for packed
+  pre-training windows; fine-tuning sets the mask to train on answers only).
+* :func:`next_token_loss`: the mean next-token cross-entropy in float32 over
+  the counted tokens, and :func:`next_token_loss_sum` (sum and token count,
+  for evaluations that weight batches by their token count).
+* :func:`make_train_step`: the ordinary step (whole gradient, then
+  ``tx.update``), with or without gradient accumulation over micro-batches.
+* :func:`make_layerwise_train_step`: the layer-wise step of
+  :mod:`apollo_lm.layerwise` (each layer updated during the backward pass).
+* :func:`make_update_step`: ``tx.update`` + ``optax.apply_updates`` alone
+  (for benchmarks that time or measure the optimizer on given gradients).
+* :func:`make_eval_step`: loss sum and token count of a batch.
+
+Steps are pure functions; jit them with ``donate_argnums=(0, 1)`` (the
+parameters and the optimizer state are updated in place).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+import apollo_optax
+from apollo_lm import layerwise
+from apollo_lm import model as model_lib
+from apollo_lm.configs import LlamaConfig
+
+Metrics = dict[str, jax.Array]
+TrainStep = Callable[[Any, Any, "Batch"], tuple[Any, Any, Metrics]]
+
+
+class Batch(NamedTuple):
+  """One batch of next-token prediction.
+
+  Attributes:
+    inputs: ``int[..., B, T]`` tokens fed to the model.
+    targets: ``int[..., B, T]`` the token that follows each input position
+      (the inputs shifted left by one).
+    loss_mask: optional ``[..., B, T]`` weights (1 = count the position,
+      0 = ignore it: padding, prompt tokens); None counts every position.
+    segment_ids: optional ``int[..., B, T]`` ids of the examples packed in
+      a row: attention stays within an example (``apollo_lm.model.Llama``).
+    positions: optional ``int[..., B, T]`` rotary positions (default: per
+      segment with ``segment_ids``, else ``0 .. T-1``).
+  """
+
+  inputs: jax.Array
+  targets: jax.Array
+  loss_mask: jax.Array | None = None
+  segment_ids: jax.Array | None = None
+  positions: jax.Array | None = None
+
+  @classmethod
+  def from_tokens(cls, tokens: jax.Array) -> Batch:
+    """``tokens[..., T + 1]`` -> inputs ``tokens[..., :-1]``, targets ``[..., 1:]``."""
+    return cls(inputs=tokens[..., :-1], targets=tokens[..., 1:])
+
+
+def _per_token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets)
+
+
+def next_token_loss(logits: jax.Array, batch: Batch) -> jax.Array:
+  r"""Mean next-token cross-entropy in float32.
+
+  .. math::
+    \ell = \frac{\sum_{b,t} m_{bt}\,(-\log \mathrm{softmax}(z_{bt})_{y_{bt}})}
+                {\max(\sum_{b,t} m_{bt},\ \epsilon)}
+
+  with ``m`` the loss mask (all ones when ``batch.loss_mask`` is None),
+  ``z`` the logits and ``y`` the targets.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from apollo_lm import steps
+    >>> batch = steps.Batch(jnp.zeros((1, 2), jnp.int32),
+    ...                     jnp.array([[0, 1]]), loss_mask=jnp.array([[1, 0]]))
+    >>> logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
+    >>> round(float(steps.next_token_loss(logits, batch)), 4)  # -log(0.5)
+    0.6931
+
+  Args:
+    logits: ``[B, T, V]`` predictions for the token after each position.
+    batch: the :class:`Batch` (its ``targets`` and ``loss_mask`` are read).
+
+  Returns:
+    The (masked) mean loss; 0 if the mask is all zero.
+  """
+  losses = _per_token_losses(logits, batch.targets)
+  if batch.loss_mask is None:
+    return jnp.mean(losses)
+  mask = batch.loss_mask.astype(jnp.float32)
+  # An all-zero mask gives 0 / tiny = 0 rather than NaN.
+  return jnp.sum(losses * mask) / jnp.maximum(
+      jnp.sum(mask), jnp.finfo(jnp.float32).tiny)
+
+
+def next_token_loss_sum(logits: jax.Array,
+                        batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """(summed loss, counted tokens) in float32; ``sum / count`` is the mean."""
+  losses = _per_token_losses(logits, batch.targets)
+  if batch.loss_mask is None:
+    return jnp.sum(losses), jnp.asarray(losses.size, jnp.float32)
+  mask = batch.loss_mask.astype(jnp.float32)
+  return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def _apply(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> jax.Array:
+  return nnx.merge(graphdef, params)(batch.inputs,
+                                     segment_ids=batch.segment_ids,
+                                     positions=batch.positions)
+
+
+def loss_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], jax.Array]:
+  """``loss(params, batch)``: the model's :func:`next_token_loss`."""
+
+  def loss(params: Any, batch: Batch) -> jax.Array:
+    return next_token_loss(_apply(graphdef, params, batch), batch)
+
+  return loss
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    *, grad_accum: int | None = None,
+                    with_grad_norm: bool = True) -> TrainStep:
+  """``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
+
+  Args:
+    graphdef: the model's graph definition (``nnx.split``); ``params`` is
+      the matching plain dict of parameters.
+    tx: the optimizer.
+    grad_accum: None: ``batch`` fields are ``[B, T]`` and one gradient is
+      taken. An int ``A``: ``batch`` fields are ``[A, B / A, T]``
+      micro-batches whose gradients are averaged in a ``lax.scan`` (one
+      optimizer update per step, unlike ``optax.MultiSteps``, so the schedule
+      and APOLLO's projection gap count updates); the loss metric is the mean
+      of the micro-batch losses.
+    with_grad_norm: add ``grad_norm`` (global L2 norm of the averaged
+      gradient) to the metrics. It is computed before ``tx.update`` and is a
+      scalar, so it does not extend the gradients' lifetime; memory
+      benchmarks still turn it off to compile exactly the update.
+
+  Returns:
+    The pure step; metrics are ``{"loss"}`` (+ ``"grad_norm"``).
+  """
+  grad_fn = jax.value_and_grad(loss_fn(graphdef))
+
+  def gradients(params: Any, batch: Batch) -> tuple[jax.Array, Any]:
+    if grad_accum is None:
+      return grad_fn(params, batch)
+
+    def micro_step(grads_sum, micro_batch):
+      loss, grads = grad_fn(params, micro_batch)
+      return jax.tree.map(jnp.add, grads_sum, grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, losses = jax.lax.scan(micro_step, zeros, batch)
+    grads = jax.tree.map(lambda g: g / grad_accum, grads)
+    return jnp.mean(losses), grads
+
+  def step(params: Any, opt_state: Any, batch: Batch):
+    loss, grads = gradients(params, batch)
+    metrics = {"loss": loss}
+    if with_grad_norm:
+      metrics["grad_norm"] = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  return step
+
+
+def make_layerwise_train_step(config: LlamaConfig,
+                              tx: optax.GradientTransformation) -> TrainStep:
+  """The layer-wise step: ``step(params, opt_state, batch)``.
+
+  :func:`apollo_lm.layerwise.make_step` with :func:`next_token_loss` as its
+  head loss; ``opt_state`` is a :class:`apollo_lm.layerwise.LayerwiseState`,
+  ``params`` may hold int8 ``QuantizedArray`` kernels (with ``tx`` wrapped in
+  :func:`apollo_optax.quantized_weights`). ``batch`` fields are ``[B, T]``.
+  Metrics: ``{"loss"}`` (no gradient norm: the whole gradient never exists).
+  Jit it with ``donate_argnums=(0, 1)`` and
+  ``compiler_options=layerwise.compiler_options()``.
+  """
+  step = layerwise.make_step(config, tx, next_token_loss)
+
+  def train_step(params: Any, opt_state: Any, batch: Batch):
+    if batch.segment_ids is not None or batch.positions is not None:
+      raise ValueError(
+          "make_layerwise_train_step: packed batches (segment_ids, "
+          "positions) are not supported by the layer-wise step; use "
+          "make_train_step.")
+    params, opt_state, loss = step(params, opt_state, batch)
+    return params, opt_state, {"loss": loss}
+
+  return train_step
+
+
+def make_update_step(tx: optax.GradientTransformation,
+                     ) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+  """``update(params, opt_state, grads) -> (params, opt_state)``.
+
+  The donated arguments come first: with the (not donated) gradients first,
+  XLA:CPU inserted full-size copies into AdamW's update (4x its time on 60M).
+  """
+
+  def update_step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return update_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, param_dtype: Any = jnp.float32,
+                   ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+  """``eval(params, batch) -> (loss sum, token count)``, float32 scalars.
+
+  int8 ``QuantizedArray`` parameters (Q-APOLLO) are dequantized to
+  ``param_dtype`` first.
+  """
+
+  def eval_step(params: Any, batch: Batch):
+    params = apollo_optax.dequantize_params(params, param_dtype)
+    return next_token_loss_sum(_apply(graphdef, params, batch), batch)
+
+  return eval_step
