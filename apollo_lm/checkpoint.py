@@ -117,6 +117,15 @@ class Checkpointer:
     return (state["params"], _unflatten(state["opt_state"], opt_state),
             dict(restored["meta"]))
 
+  def metadata(self, step: int | None = None) -> dict[str, Any]:
+    """The metadata saved with ``step`` (None: the latest), no arrays read."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     self._manager.wait_until_finished()

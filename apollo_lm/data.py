@@ -43,6 +43,15 @@ from apollo_lm import tokenizer as tokenizer_lib
 HELD_OUT_FRACTION = 0.025
 """Share of files held out for evaluation by the hash rule (``is_held_out``)."""
 
+MIN_FILES_FOR_FILE_SPLIT = 20
+"""Fewer files than this are split by documents (``split_documents``)."""
+
+DOCUMENT_BYTES = 8192
+"""Size bound of the documents a few files are cut into."""
+
+DOCUMENT_HELD_OUT_FRACTION = 0.1
+"""Share of documents held out when a few files are split by documents."""
+
 _EXCLUDED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 # Bump when the cached files change meaning, to invalidate old caches.
 _CACHE_FORMAT = 1
@@ -105,6 +114,78 @@ def split_files(
     held_out = held_out[:1]
   held_out_keys = {f.key for f in held_out}
   return [f for f in files if f.key not in held_out_keys], held_out
+
+
+def documents(text: str, max_bytes: int = DOCUMENT_BYTES) -> list[str]:
+  """Cuts ``text`` into documents of at most ``max_bytes`` UTF-8 bytes.
+
+  Paragraphs (separated by blank lines) are packed greedily, in order, into
+  documents up to the bound; a paragraph longer than the bound is cut at line
+  ends (a single longer line at the bound). Joining the documents with
+  ``"\n\n"`` gives back the paragraphs; no text is lost but the separators.
+  """
+  pieces: list[str] = []
+  for paragraph in text.split("\n\n"):
+    if len(paragraph.encode()) <= max_bytes:
+      pieces.append(paragraph)
+      continue
+    line_chunk = ""
+    for line in paragraph.split("\n"):
+      while len(line.encode()) > max_bytes:
+        head = line.encode()[:max_bytes].decode("utf-8", "ignore")
+        if line_chunk:
+          pieces.append(line_chunk)
+          line_chunk = ""
+        pieces.append(head)
+        line = line[len(head):]
+      candidate = f"{line_chunk}\n{line}" if line_chunk else line
+      if line_chunk and len(candidate.encode()) > max_bytes:
+        pieces.append(line_chunk)
+        candidate = line
+      line_chunk = candidate
+    pieces.append(line_chunk)
+  docs: list[str] = []
+  for piece in pieces:
+    if not piece.strip():
+      continue
+    joined = f"{docs[-1]}\n\n{piece}" if docs else piece
+    if docs and len(joined.encode()) <= max_bytes:
+      docs[-1] = joined
+    else:
+      docs.append(piece)
+  return docs
+
+
+def split_documents(
+    texts: Sequence[tuple[str, str]],
+    fraction: float = DOCUMENT_HELD_OUT_FRACTION,
+    max_bytes: int = DOCUMENT_BYTES,
+) -> tuple[list[str], list[str]]:
+  """Splits a few files' texts into (train, held-out) documents.
+
+  Each ``(key, text)`` is cut by :func:`documents`; document ``i`` of file
+  ``key`` is held out when ``is_held_out(f"{key}#{i}", fraction)``, so the
+  split is deterministic and the same on every machine. If that holds out
+  nothing (or everything), the document with the smallest hash moves.
+
+  Raises:
+    ValueError: fewer than two documents in all, which cannot make two
+      sides.
+  """
+  docs = [(f"{key}#{i}", doc) for key, text in texts
+          for i, doc in enumerate(documents(text, max_bytes))]
+  if len(docs) < 2:
+    raise ValueError(
+        f"{len(docs)} document(s) of at most {max_bytes} bytes: too little "
+        "text to hold any out; add text, or pass separate held-out files "
+        "(--eval-data).")
+  held = [is_held_out(key, fraction) for key, _ in docs]
+  if all(held) or not any(held):
+    smallest = min(range(len(docs)),
+                   key=lambda i: hashlib.sha256(docs[i][0].encode()).digest())
+    held[smallest] = not held[smallest]
+  return ([d for (_, d), h in zip(docs, held) if not h],
+          [d for (_, d), h in zip(docs, held) if h])
 
 
 def stdlib_files() -> list[SourceFile]:
@@ -287,7 +368,9 @@ def load_corpus(
       are left out, while in user files they are an error.
     eval_paths: the held-out files, given explicitly; they are removed from
       the train files if ``paths`` includes them too. ``None`` holds out files
-      by the hash rule (``split_files``).
+      by the hash rule (``split_files``), or, with fewer than
+      :data:`MIN_FILES_FOR_FILE_SPLIT` files, documents of them
+      (``split_documents``).
     vocab_size: the tokenizer's largest vocabulary size.
     cache_dir: the cache root; defaults to ``default_cache_root()``. The
       corpus lives in a subdirectory named by a hash of the file list (paths,
@@ -302,6 +385,7 @@ def load_corpus(
     ValueError: no files, only empty files, a file that is not UTF-8, or
       nothing left for one of the splits.
   """
+  by_documents = False
   if paths is None:
     if eval_paths is not None:
       raise ValueError("eval_paths needs paths: the stdlib corpus has its own split")
@@ -310,7 +394,10 @@ def load_corpus(
   else:
     source = f"text files from {[str(p) for p in paths]}"
     files = collect_files(paths)
-    if eval_paths is None:
+    if eval_paths is None and len(files) < MIN_FILES_FOR_FILE_SPLIT:
+      by_documents = True
+      train, held_out = files, []
+    elif eval_paths is None:
       train, held_out = split_files(files)
     else:
       held_out = collect_files(eval_paths)
@@ -323,11 +410,12 @@ def load_corpus(
         )
 
   root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_root()
-  corpus_dir = root / f"corpus-{_cache_key(train, held_out, vocab_size)}"
+  key = _cache_key(train, held_out, vocab_size, by_documents)
+  corpus_dir = root / f"corpus-{key}"
   cache_hit = (corpus_dir / "meta.json").exists()
   if not cache_hit:
     _build(corpus_dir, train, held_out, vocab_size, source,
-           skip_undecodable=paths is None)
+           skip_undecodable=paths is None, by_documents=by_documents)
   meta = json.loads((corpus_dir / "meta.json").read_text())
   tokenizer = tokenizer_lib.load_tokenizer(corpus_dir / "tokenizer.json")
   return Corpus(
@@ -347,7 +435,8 @@ def load_corpus(
 
 
 def _cache_key(
-    train: Sequence[SourceFile], held_out: Sequence[SourceFile], vocab_size: int
+    train: Sequence[SourceFile], held_out: Sequence[SourceFile], vocab_size: int,
+    by_documents: bool = False,
 ) -> str:
   """A hash of everything the cached files depend on."""
 
@@ -362,6 +451,8 @@ def _cache_key(
       "vocab_size": vocab_size,
       "tokenizers": tokenizers.__version__,
   }
+  if by_documents:
+    state["documents"] = [DOCUMENT_BYTES, DOCUMENT_HELD_OUT_FRACTION]
   return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:20]
 
 
@@ -373,6 +464,7 @@ def _build(
     source: str,
     *,
     skip_undecodable: bool,
+    by_documents: bool = False,
 ) -> None:
   """Trains the tokenizer, tokenizes both splits and writes ``corpus_dir``.
 
@@ -395,16 +487,28 @@ def _build(
 
   train_paths, train_texts = read(train)
   eval_paths, eval_texts = read(held_out)
+  if by_documents:
+    train_texts, eval_texts = split_documents(
+        [(f.key, t) for f, t in zip(train, train_texts)])
+    eval_paths = train_paths
   tokenizer = tokenizer_lib.train_bpe_tokenizer(
       train_texts, vocab_size, length=len(train_texts)
   )
   eos_id = tokenizer.token_to_id(tokenizer_lib.EOS_TOKEN)
   train_tokens = tokenizer_lib.encode_documents(tokenizer, train_texts, eos_id)
   eval_tokens = tokenizer_lib.encode_documents(tokenizer, eval_texts, eos_id)
+  if by_documents:
+    split = (
+        f"{len(train_paths)} file(s) cut into documents of <= {DOCUMENT_BYTES}"
+        f" bytes at blank lines, {len(train_texts)} train / {len(eval_texts)}"
+        f" held-out documents (hash of file#document,"
+        f" {DOCUMENT_HELD_OUT_FRACTION:.0%})"
+    )
+  else:
+    split = f"{len(train_paths)} train / {len(eval_paths)} held-out files"
   description = (
-      f"{source}: {len(train_paths)} train / {len(eval_paths)} held-out files,"
-      f" {train_tokens.size:,} / {eval_tokens.size:,} tokens,"
-      f" byte-level BPE vocab {tokenizer.get_vocab_size()}"
+      f"{source}: {split}, {train_tokens.size:,} / {eval_tokens.size:,}"
+      f" tokens, byte-level BPE vocab {tokenizer.get_vocab_size()}"
   )
   meta = {
       "eos_id": eos_id,
@@ -441,6 +545,30 @@ def _check_batch_shape(batch_size: int, seq_len: int, process_count: int,
     raise ValueError(
         f"batch_size={batch_size} must be divisible by process_count={process_count}"
     )
+
+
+def process_rows(rows: Sequence[Any] | np.ndarray, process_index: int,
+                 process_count: int) -> Any:
+  """This process's consecutive share of a global batch's ``rows``.
+
+  Process ``i`` of ``n`` gets rows ``i * B/n ... (i + 1) * B/n - 1``;
+  concatenating the processes' shares in index order gives ``rows``, so the
+  global batch does not depend on the number of processes. Every source
+  (local corpus, evaluation batches, C4) slices with this one function.
+  """
+  local = len(rows) // process_count
+  return rows[process_index * local:(process_index + 1) * local]
+
+
+class TrainBatches(Protocol):
+  """A resumable source of training batches (local corpus or C4).
+
+  ``batches_from(step)`` yields this process's ``(inputs, targets)`` of global
+  batches ``step, step + 1, ...``: the data position of a run is its step.
+  """
+
+  def batches_from(self, start_step: int) -> Iterator[Batch]:
+    ...
 
 
 def _windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -505,8 +633,7 @@ class TokenBatches:
     self.seq_len = seq_len
     self.seed = seed
     self.local_batch_size = batch_size // process_count
-    self._rows = slice(process_index * self.local_batch_size,
-                       (process_index + 1) * self.local_batch_size)
+    self._process = (process_index, process_count)
 
   @property
   def num_windows(self) -> int:
@@ -533,9 +660,9 @@ class TokenBatches:
       raise ValueError(f"step={step} must be >= 0")
     epoch, index = divmod(step, self.steps_per_epoch)
     order = self.permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-    return _to_batch(self._windows[order[self._rows]])
+    return _to_batch(self._windows[process_rows(order, *self._process)])
 
-  def iterate(self, start_step: int = 0) -> Iterator[Batch]:
+  def batches_from(self, start_step: int = 0) -> Iterator[Batch]:
     """Yields ``batch(start_step)``, ``batch(start_step + 1)``, ... forever."""
     step = start_step
     while True:
@@ -573,9 +700,8 @@ def eval_batches(
         f" tokens has {windows.shape[0]} windows"
     )
   chosen = (np.arange(wanted) * windows.shape[0]) // wanted
-  local = batch_size // process_count
   return [
-      _to_batch(windows[rows[process_index * local:(process_index + 1) * local]])
+      _to_batch(windows[process_rows(rows, process_index, process_count)])
       for rows in chosen.reshape(num_batches, batch_size)
   ]
 
@@ -775,6 +901,23 @@ def c4_batches(
       seq_len,
       skip_windows=start_step * batch_size,
   )
-  local = batch_size // process_count
   while len(rows := [w for _, w in zip(range(batch_size), windows)]) == batch_size:
-    yield _to_batch(np.stack(rows[process_index * local:(process_index + 1) * local]))
+    yield _to_batch(np.stack(process_rows(rows, process_index, process_count)))
+
+
+@dataclasses.dataclass(frozen=True)
+class C4Batches:
+  """:func:`c4_batches` as a :class:`TrainBatches` (resumes by re-reading)."""
+
+  tokenizer: Any
+  batch_size: int
+  seq_len: int
+  data_files: Sequence[str] | None = None
+  process_index: int = 0
+  process_count: int = 1
+
+  def batches_from(self, start_step: int) -> Iterator[Batch]:
+    return c4_batches(
+        self.tokenizer, self.batch_size, self.seq_len,
+        data_files=self.data_files, start_step=start_step,
+        process_index=self.process_index, process_count=self.process_count)

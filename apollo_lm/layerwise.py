@@ -86,6 +86,7 @@ import optax
 import apollo_optax
 from apollo_lm import model as model_lib
 from apollo_lm.configs import LlamaConfig
+from apollo_lm.errors import ConfigError
 
 # Top-level keys of the parameter dict, by group.
 EMBED_KEYS = ("embed",)
@@ -152,7 +153,7 @@ def quantize_llama_params(params: Any, group_size: int = 128,
 
 def check_layerwise_options(*, grad_clip: float | None = None,
                             grad_accum: int = 1) -> None:
-  """Raises ValueError for options the layer-wise step cannot honour.
+  """Raises ConfigError for options the layer-wise step cannot honour.
 
   Args:
     grad_clip: a global gradient-norm clip (needs the whole gradient before
@@ -163,16 +164,16 @@ def check_layerwise_options(*, grad_clip: float | None = None,
       backward pass, so only 1 is possible.
   """
   if grad_clip is not None and grad_clip > 0:
-    raise ValueError(
-        "--layerwise cannot clip the global gradient norm (--grad-clip): each"
+    raise ConfigError(
+        "--grad-clip", "--layerwise cannot clip the global gradient norm: each"
         " layer is updated before the gradients of the layers below it exist."
         " Drop --grad-clip, or clip per layer by chaining"
         " optax.clip_by_global_norm inside the optimizer.")
   if grad_accum != 1:
-    raise ValueError(
-        f"--layerwise updates each layer during the backward pass, so it cannot"
-        f" accumulate gradients over micro-batches (--grad-accum={grad_accum});"
-        " use --grad-accum 1.")
+    raise ConfigError(
+        "--grad-accum", f"--layerwise updates each layer during the backward"
+        f" pass, so it cannot accumulate gradients over micro-batches (got"
+        f" {grad_accum}); use --grad-accum 1.")
 
 
 def compiler_options() -> dict[str, Any]:

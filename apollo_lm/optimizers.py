@@ -110,7 +110,7 @@ def default_rank(hidden_size: int) -> int:
 
 
 def check_name(name: str, flag: str = "optimizer") -> None:
-  """Raises a :class:`ConfigError` for ``flag`` unless ``name`` is an optimizer."""
+  """Raises a :class:`ConfigError` for ``flag`` unless ``name`` is known."""
   if name not in DEFAULTS:
     raise ConfigError(flag, f"unknown optimizer {name!r}; allowed: "
                       f"{', '.join(OPTIMIZER_NAMES)}.")
@@ -238,11 +238,13 @@ def per_layer(inner: optax.GradientTransformation,
 
   def unstack(tree: Any, mask: Any) -> Any:
     return jax.tree.map(
-        lambda x, low: tuple(x) if _is_stacked(x, low) else x, tree, mask)
+        lambda x, is_lowrank: tuple(x) if _is_stacked(x, is_lowrank) else x,
+        tree, mask)
 
   def stack(tree: Any, like: Any, mask: Any) -> Any:
     return jax.tree.map(
-        lambda ref, low, x: jnp.stack(x) if _is_stacked(ref, low) else x,
+        lambda ref, is_lowrank, x: (jnp.stack(x)
+                                    if _is_stacked(ref, is_lowrank) else x),
         like, mask, tree, is_leaf=lambda x: isinstance(x, tuple))
 
   def init_fn(params: Any) -> optax.OptState:
@@ -266,8 +268,8 @@ def galore_dimension_numbers(params: Any) -> Any:
   default axes; every other leaf gets None, i.e. plain Adam in GaLore.
   """
 
-  def dims(subtree: Any, low: bool) -> Any:
-    spec = contrib.GaLoreDimensionNumbers() if low else None
+  def dims(subtree: Any, is_lowrank: bool) -> Any:
+    spec = contrib.GaLoreDimensionNumbers() if is_lowrank else None
     if isinstance(subtree, tuple):
       return tuple(spec for _ in subtree)
     return spec
@@ -340,31 +342,34 @@ def make_optimizer(
       optimizer does not take.
   """
   peak = None if callable(learning_rate) else learning_rate
-  hp = resolve_hparams(name, config, learning_rate=peak, rank=rank,
+  hparams = resolve_hparams(name, config, learning_rate=peak, rank=rank,
                        scale=scale, scale_type=scale_type,
                        projection=projection, limiter=limiter)
   schedule = (learning_rate if callable(learning_rate)
-              else make_schedule(hp["learning_rate"], total_steps,
+              else make_schedule(hparams["learning_rate"], total_steps,
                                  warmup_steps))
-  common = dict(b1=hp["b1"], b2=hp["b2"], eps=hp["eps"])
+  common = dict(b1=hparams["b1"], b2=hparams["b2"], eps=hparams["eps"])
   apollo_common = dict(
       common, weight_decay=weight_decay, weight_decay_mask=decay_mask,
-      update_proj_gap=hp["update_proj_gap"], seed=seed, scale=hp["scale"],
-      projection=hp["projection"],
+      update_proj_gap=hparams["update_proj_gap"], seed=seed,
+      scale=hparams["scale"],
+      projection=hparams["projection"],
       **({} if limiter else {"norm_growth_limit": None}))
   if name == "adamw":
     tx = optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask,
                      **common)
   elif name == "apollo":
-    tx = apollo_optax.apollo(schedule, hp["rank"],
-                             scale_type=hp["scale_type"], **apollo_common)
+    tx = apollo_optax.apollo(schedule, hparams["rank"],
+                             scale_type=hparams["scale_type"], **apollo_common)
   elif name == "apollo_mini":
     tx = apollo_optax.apollo_mini(schedule, scale_front=True, **apollo_common)
   elif name == "galore":
     tx = per_layer(
         contrib.galore(
-            schedule, rank=hp["rank"], update_proj_gap=hp["update_proj_gap"],
-            scale=hp["scale"], base_optimizer=optax.scale_by_adam(**common),
+            schedule, rank=hparams["rank"],
+            update_proj_gap=hparams["update_proj_gap"],
+            scale=hparams["scale"],
+            base_optimizer=optax.scale_by_adam(**common),
             weight_decay=weight_decay, mask=decay_mask,
             weight_dimension_numbers=galore_dimension_numbers),
         apollo_optax.default_lowrank_mask)
@@ -380,7 +385,7 @@ def make_optimizer(
     if not non_lowrank_lr > 0:
       raise ConfigError("non_lowrank_lr", f"must be > 0, got {non_lowrank_lr}.")
     tx = optax.chain(tx, _scale_non_lowrank(
-        non_lowrank_lr / hp["learning_rate"]))
+        non_lowrank_lr / hparams["learning_rate"]))
   if grad_clip is not None:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
   return tx
@@ -396,7 +401,7 @@ def _scale_non_lowrank(factor: float) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
     mask = apollo_optax.default_lowrank_mask(updates)
-    return jax.tree.map(lambda u, low: u if low else u * factor,
+    return jax.tree.map(lambda u, is_lowrank: u if is_lowrank else u * factor,
                         updates, mask), state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)

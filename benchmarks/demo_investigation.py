@@ -100,21 +100,21 @@ def main() -> None:
         "name": name, "flags": kv | ({"no_limiter": 1} if no_limiter else {})
         | ({"rest_lr_mult": rest_lr_mult} if rest_lr_mult is not None
            else {}),
-        "optimizer": result["optimizer"], "hparams": result["hparams"],
-        "steps": result["step"],
-        "tokens": result["step"] * flags["batch_size"] * flags["seq_len"],
-        "eval_loss": result["eval_loss"], "eval_ppl": result["eval_ppl"],
-        "eval_history": result["eval_history"],
-        "final_train_loss_mean10": float(np.mean(result["losses"][-10:])),
+        "optimizer": result.optimizer, "hparams": result.hparams,
+        "steps": result.step,
+        "tokens": result.step * flags["batch_size"] * flags["seq_len"],
+        "eval_loss": result.eval_loss, "eval_ppl": result.eval_ppl,
+        "eval_history": result.eval_history,
+        "final_train_loss_mean10": float(np.mean(result.losses[-10:])),
         "cpu_s": _cpu() - cpu0, "wall_s": time.perf_counter() - wall0,
-        "tokens_per_s": result["tokens_per_s"],
-        "param_count": result["param_count"],
+        "tokens_per_s": result.tokens_per_s,
+        "param_count": result.param_count,
     }
     if log_limiter and factors:
       # One callback per low-rank leaf (a stack of L matrices) per step.
-      k = len(factors) // result["step"]
+      k = len(factors) // result.step
       per_step = [np.concatenate([np.ravel(f) for f in factors[i:i + k]])
-                  for i in range(0, k * result["step"], k)]
+                  for i in range(0, k * result.step, k)]
       clipped = [float(np.mean(f < 1.0)) for f in per_step]
       record["limiter"] = {
           "n_callbacks": len(factors),

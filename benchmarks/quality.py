@@ -184,13 +184,13 @@ def execute(run: Run, budget: dict[str, Any], cache_dir: str
   return {
       "key": run.key(budget), "group": run.group, "variant": run.variant,
       "config": run.config, "seed": run.seed, "flags": run.flags,
-      "budget": budget, "optimizer": result["optimizer"],
-      "hparams": result["hparams"], "param_count": result["param_count"],
-      "state_bytes": int(result["state_bytes"]),
-      "tokens": result["step"] * budget["batch_size"] * budget["seq_len"],
-      "eval_loss": result["eval_loss"], "eval_ppl": result["eval_ppl"],
-      "eval_history": result["eval_history"], "losses": result["losses"],
-      "tokens_per_s": result["tokens_per_s"],
+      "budget": budget, "optimizer": result.optimizer,
+      "hparams": result.hparams, "param_count": result.param_count,
+      "state_bytes": int(result.state_bytes),
+      "tokens": result.step * budget["batch_size"] * budget["seq_len"],
+      "eval_loss": result.eval_loss, "eval_ppl": result.eval_ppl,
+      "eval_history": result.eval_history, "losses": result.losses,
+      "tokens_per_s": result.tokens_per_s,
       "cpu_s": _cpu_seconds() - cpu0, "wall_s": time.perf_counter() - wall0,
   }
 

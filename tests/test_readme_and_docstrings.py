@@ -26,7 +26,18 @@ def test_readme_quickstart_runs():
   assert namespace["state"] is not None
 
 
+# apollo_lm modules with docstring examples; each must attempt at least one.
+APOLLO_LM_MODULES = ("apollo_lm.config", "apollo_lm.optimizers", "apollo_lm.steps")
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_docstring_examples(module):
   result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+  assert result.failed == 0
+
+
+@pytest.mark.parametrize("module", APOLLO_LM_MODULES)
+def test_apollo_lm_docstring_examples(module):
+  result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0, f"{module} has no docstring example"
   assert result.failed == 0

@@ -37,6 +37,7 @@ def test_round_trip_restores_every_leaf_and_the_metadata(tmp_path):
 
   reopened = checkpoint_lib.Checkpointer(tmp_path)
   assert reopened.latest_step() == 7
+  assert reopened.metadata() == {"note": "x", "step": 7}
   template = (jax.tree.map(jnp.zeros_like, params),
               jax.tree.map(jnp.zeros_like, opt_state))
   restored_params, restored_state, meta = reopened.restore(None, *template)

@@ -328,10 +328,10 @@ def test_batches_drop_epoch_remainder_and_differ_by_seed():
 @pytest.mark.parametrize("step", [0, 1, 7, 123, 10_000])
 def test_resume_gives_identical_batches(corpus, step):
   uninterrupted = corpus.batches(4, 16, seed=7)
-  stream = uninterrupted.iterate()
+  stream = uninterrupted.batches_from()
   for _ in range(min(step, 10)):
     next(stream)
-  resumed = data.TokenBatches(corpus.train_tokens, 4, 16, seed=7).iterate(step)
+  resumed = data.TokenBatches(corpus.train_tokens, 4, 16, seed=7).batches_from(step)
   for offset in range(3):
     expected = uninterrupted.batch(step + offset)
     got = next(resumed)
@@ -542,3 +542,53 @@ def test_find_eos_id():
   assert data.find_eos_id(t5_style) == 1
   with pytest.raises(ValueError, match=r"Tokenizer has no eos_token_id.*pass eos_id"):
     data.find_eos_id(tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0})))
+
+
+# --- A few files: split by documents -----------------------------------------
+
+
+@pytest.mark.parametrize("max_bytes", [64, 300, 8192])
+def test_documents_are_bounded_and_lose_no_text(max_bytes):
+  text = (STDLIB / "json" / "decoder.py").read_text()
+  docs = data.documents(text, max_bytes)
+  assert all(len(d.encode()) <= max_bytes for d in docs)
+  assert all(d.strip() for d in docs)
+  # Only separators (blank lines, line breaks at cuts) are dropped.
+  squash = lambda s: "".join(s.split())
+  assert squash("".join(docs)) == squash(text)
+
+
+def test_single_file_split_is_deterministic_disjoint_and_non_empty():
+  text = (STDLIB / "json" / "decoder.py").read_text()
+  train, held_out = data.split_documents([("decoder.py", text)],
+                                         max_bytes=512)
+  assert train and held_out
+  assert set(train).isdisjoint(held_out)
+  assert len(train) + len(held_out) == len(data.documents(text, 512))
+  assert data.split_documents([("decoder.py", text)], max_bytes=512) == (
+      train, held_out)
+  # The rule: hash of "file#index"; about DOCUMENT_HELD_OUT_FRACTION.
+  keys = [f"decoder.py#{i}" for i in range(len(train) + len(held_out))]
+  expected = [k for k in keys if data.is_held_out(
+      k, data.DOCUMENT_HELD_OUT_FRACTION)]
+  assert len(held_out) == max(1, len(expected))
+
+
+def test_too_little_text_to_split_raises():
+  with pytest.raises(ValueError, match=r"too little text .*--eval-data"):
+    data.split_documents([("a.txt", "one paragraph only")])
+
+
+def test_one_big_file_loads_with_a_document_split(tmp_path):
+  big = tmp_path / "one_big_file.txt"
+  big.write_text("\n\n".join((STDLIB / name).read_text()
+                             for name in STDLIB_SAMPLE[:6]))
+  corpus = data.load_corpus([big], vocab_size=SMALL_VOCAB,
+                            cache_dir=tmp_path / "cache")
+  assert corpus.train_tokens.size > 0 and corpus.eval_tokens.size > 0
+  assert "1 file(s) cut into documents" in corpus.description
+  assert f"{corpus.eval_tokens.size:,} tokens" in corpus.description
+  again = data.load_corpus([big], vocab_size=SMALL_VOCAB,
+                           cache_dir=tmp_path / "cache")
+  assert again.cache_hit
+  np.testing.assert_array_equal(again.eval_tokens, corpus.eval_tokens)

@@ -1,4 +1,4 @@
-"""Shared fixtures of the training-job tests: a small corpus and small runs.
+"""Fixtures of the ``apollo_lm`` tests: a small corpus and small runs.
 
 The corpus is the standard library's ``email`` package copied into a
 temporary directory (about 240k tokens at a 320-token vocabulary, built in
@@ -6,9 +6,11 @@ about a second); the model is the ``tiny`` config shrunk to two layers of
 width 32, so each run compiles in seconds on a CPU.
 """
 
+import functools
 import pathlib
 import shutil
 import sysconfig
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,7 +22,7 @@ SMALL_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
 VOCAB_SIZE = 320
 
 
-def small_run(corpus_dir: pathlib.Path, **flags: Any) -> dict[str, Any]:
+def _small_run(corpus_dir: pathlib.Path, **flags: Any) -> dict[str, Any]:
   """``train()`` options for a 3-step run of the small model on one device.
 
   Runs share a persistent compilation cache next to the corpus, so runs that
@@ -36,8 +38,8 @@ def small_run(corpus_dir: pathlib.Path, **flags: Any) -> dict[str, Any]:
   return options
 
 
-def small_cli(corpus_dir: pathlib.Path) -> list[str]:
-  """The flags of :func:`small_run` for ``python -m apollo_lm.train``."""
+def _small_cli(corpus_dir: pathlib.Path) -> list[str]:
+  """The flags of :func:`_small_run` for ``python -m apollo_lm.train``."""
   overrides = [f"--model-override={k}={v}" for k, v in SMALL_MODEL.items()]
   return ["--config", "tiny", *overrides, "--data", str(corpus_dir),
           "--vocab-size", str(VOCAB_SIZE), "--batch-size", "8", "--seq-len",
@@ -63,3 +65,15 @@ def cache_env(corpus_dir, monkeypatch) -> pathlib.Path:
   cache = corpus_dir.parent / "cache"
   monkeypatch.setenv("APOLLO_LM_CACHE", str(cache))
   return cache
+
+
+@pytest.fixture
+def small_run(corpus_dir) -> Callable[..., dict[str, Any]]:
+  """``small_run(**flags)``: options of a 3-step run on the session corpus."""
+  return functools.partial(_small_run, corpus_dir)
+
+
+@pytest.fixture
+def small_cli(corpus_dir) -> list[str]:
+  """The command-line flags of ``small_run()``."""
+  return _small_cli(corpus_dir)

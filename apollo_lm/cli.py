@@ -1,0 +1,92 @@
+"""The command line of ``python -m apollo_lm.train``, built from TrainConfig.
+
+Flag names, defaults, types, choices and help all come from the fields of
+:class:`apollo_lm.config.TrainConfig` and their metadata; nothing here
+repeats them. Errors (:class:`apollo_lm.errors.ConfigError`) become argparse
+errors (``usage: ...``, exit status 2) naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from apollo_lm.config import TrainConfig
+from apollo_lm.errors import ConfigError
+
+_GROUPS = {
+    "model": "model",
+    "optimizer": "optimizer (defaults: apollo_lm.optimizers)",
+    "memory": "memory (layer-wise updates, Q-APOLLO; apollo_lm.layerwise)",
+    "run": "run",
+    "data": "data",
+    "output": "evaluation, logging, checkpoints",
+    "distributed": "multi-process (one process per host)",
+}
+
+
+def _scalar_type(annotation: Any) -> type:
+  """``int`` for ``int | None``, ``str`` for ``tuple[str, ...] | None``, ..."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if typing.get_origin(annotation) is tuple:
+    return args[0]
+  if args:
+    return _scalar_type(args[0])
+  return annotation
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The argparse parser of every :class:`TrainConfig` option."""
+  parser = argparse.ArgumentParser(
+      prog="python -m apollo_lm.train",
+      description=("Pre-train a LLaMA model (APOLLO paper setup: warm-up + "
+                   "cosine to 10%% of the peak lr) on a local corpus or C4."),
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  groups = {key: parser.add_argument_group(title)
+            for key, title in _GROUPS.items()}
+  types = typing.get_type_hints(TrainConfig)
+  for field in dataclasses.fields(TrainConfig):
+    meta = field.metadata
+    if not meta.get("cli", True):
+      continue
+    kwargs: dict[str, Any] = dict(dest=field.name, help=meta["help"])
+    flag = TrainConfig.flag(field.name)
+    if field.default is True:
+      kwargs.update(action="store_false")
+    elif field.default is False:
+      kwargs.update(action="store_true")
+    else:
+      kwargs["default"] = field.default
+      if "action" in meta:
+        kwargs.update(action=meta["action"], default=[])
+      else:
+        kwargs["type"] = _scalar_type(types[field.name])
+      for key in ("choices", "nargs", "metavar"):
+        if key in meta:
+          kwargs[key] = meta[key]
+    groups[meta["group"]].add_argument(flag, **kwargs)
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+  """``argv`` (``sys.argv[1:]`` when None) -> a validated TrainConfig.
+
+  Raises:
+    ConfigError: an option is invalid.
+    SystemExit: argparse refused the command line (unknown flag, bad type).
+  """
+  namespace = build_parser().parse_args(argv)
+  return TrainConfig(**vars(namespace))
+
+
+def parse_or_exit(parser: argparse.ArgumentParser,
+                  argv: Sequence[str] | None) -> TrainConfig:
+  """Like :func:`parse_args`, but a ConfigError exits via ``parser.error``."""
+  namespace = parser.parse_args(argv)
+  try:
+    return TrainConfig(**vars(namespace))
+  except ConfigError as e:
+    parser.error(str(e))
