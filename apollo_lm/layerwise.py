@@ -233,8 +233,8 @@ def make_step(config: LlamaConfig, tx: optax.GradientTransformation,
   def as_float(layer):
     return apollo_optax.dequantize_params(layer, config.param_dtype)
 
-  def block(weights, x):
-    return nnx.merge(block_def, weights)(x)
+  def block(weights, x, mask, positions):
+    return nnx.merge(block_def, weights)(x, positions=positions, mask=mask)
 
   def head_loss(head, embed, x, batch):
     norm = nnx.merge(norm_def, head["final_norm"])
@@ -257,8 +257,12 @@ def make_step(config: LlamaConfig, tx: optax.GradientTransformation,
     x0, embed_vjp = jax.vjp(
         lambda e: nnx.merge(embed_def, e["embed"])(batch.inputs), embed)
 
+    # Packed rows (fine-tuning): the model's segment mask and positions.
+    mask, positions = model_lib.packing_inputs(batch.segment_ids,
+                                               batch.positions)
+
     def forward(x, layer):
-      return block(as_float(layer), x), x
+      return block(as_float(layer), x, mask, positions), x
 
     x_last, saved = jax.lax.scan(forward, x0, layers["layers"])
 
@@ -278,7 +282,8 @@ def make_step(config: LlamaConfig, tx: optax.GradientTransformation,
       stack, state_stack, dx = carry
       l = num_layers - 1 - i
       layer = {"layers": _tree_index(stack, l)}
-      _, block_vjp = jax.vjp(block, as_float(layer["layers"]),
+      _, block_vjp = jax.vjp(lambda w, x: block(w, x, mask, positions),
+                             as_float(layer["layers"]),
                              _tree_index(saved, l))
       grads, dx = block_vjp(dx)
       layer, layer_state = update(

@@ -276,6 +276,25 @@ class Block(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
 
 
+def packing_inputs(segment_ids: jax.Array | None,
+                   positions: jax.Array | None,
+                   ) -> tuple[jax.Array | None, jax.Array | None]:
+  """(attention mask, positions) the blocks get for packed rows.
+
+  With ``segment_ids[B, T]`` a token attends only to tokens of its own
+  segment (``mask[B, 1, T, T]``, combined with the causal mask) and, unless
+  ``positions`` is given, positions restart at 0 in every segment. Without
+  segment ids: no extra mask, ``positions`` unchanged. Shared by
+  :meth:`Llama.__call__` and the layer-wise step.
+  """
+  if segment_ids is None:
+    return None, positions
+  mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+  if positions is None:
+    positions = segment_positions(segment_ids)
+  return mask, positions
+
+
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
   """Positions that restart at 0 wherever ``segment_ids[B, T]`` changes.
 
@@ -366,11 +385,7 @@ class Llama(nnx.Module):
         raise ValueError(
             f"Llama: `{name}` must have the shape of `tokens` "
             f"{list(tokens.shape)}, got {list(value.shape)}.")
-    mask = None
-    if segment_ids is not None:
-      mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-      if positions is None:
-        positions = segment_positions(segment_ids)
+    mask, positions = packing_inputs(segment_ids, positions)
     x = constrain(self.embed(tokens), _RESIDUAL)
 
     def apply_block(x: jax.Array, block: Block) -> jax.Array:

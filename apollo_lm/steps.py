@@ -198,11 +198,6 @@ def make_layerwise_train_step(config: LlamaConfig,
   step = layerwise.make_step(config, tx, next_token_loss)
 
   def train_step(params: Any, opt_state: Any, batch: Batch):
-    if batch.segment_ids is not None or batch.positions is not None:
-      raise ValueError(
-          "make_layerwise_train_step: packed batches (segment_ids, "
-          "positions) are not supported by the layer-wise step; use "
-          "make_train_step.")
     params, opt_state, loss = step(params, opt_state, batch)
     return params, opt_state, {"loss": loss}
 
