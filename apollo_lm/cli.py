@@ -25,6 +25,7 @@ _GROUPS = {
     "data": "data",
     "output": "evaluation, logging, checkpoints",
     "distributed": "multi-process (one process per host)",
+    "finetune": "fine-tuning (apollo_lm.finetune)",
 }
 
 
@@ -38,22 +39,27 @@ def _scalar_type(annotation: Any) -> type:
   return annotation
 
 
-def build_parser() -> argparse.ArgumentParser:
-  """The argparse parser of every :class:`TrainConfig` option."""
+def build_parser(
+    cls: type[TrainConfig] = TrainConfig, *,
+    prog: str = "python -m apollo_lm.train",
+    description: str = ("Pre-train a LLaMA model (APOLLO paper setup: warm-up "
+                        "+ cosine to 10%% of the peak lr) on a local corpus "
+                        "or C4."),
+) -> argparse.ArgumentParser:
+  """The argparse parser of every option of ``cls`` (a TrainConfig class,
+  e.g. ``apollo_lm.finetune.FinetuneConfig``)."""
   parser = argparse.ArgumentParser(
-      prog="python -m apollo_lm.train",
-      description=("Pre-train a LLaMA model (APOLLO paper setup: warm-up + "
-                   "cosine to 10%% of the peak lr) on a local corpus or C4."),
+      prog=prog, description=description,
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   groups = {key: parser.add_argument_group(title)
             for key, title in _GROUPS.items()}
-  types = typing.get_type_hints(TrainConfig)
-  for field in dataclasses.fields(TrainConfig):
+  types = typing.get_type_hints(cls)
+  for field in dataclasses.fields(cls):
     meta = field.metadata
     if not meta.get("cli", True):
       continue
     kwargs: dict[str, Any] = dict(dest=field.name, help=meta["help"])
-    flag = TrainConfig.flag(field.name)
+    flag = cls.flag(field.name)
     if field.default is True:
       kwargs.update(action="store_false")
     elif field.default is False:
@@ -83,10 +89,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def parse_or_exit(parser: argparse.ArgumentParser,
-                  argv: Sequence[str] | None) -> TrainConfig:
+                  argv: Sequence[str] | None,
+                  cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
   """Like :func:`parse_args`, but a ConfigError exits via ``parser.error``."""
   namespace = parser.parse_args(argv)
   try:
-    return TrainConfig(**vars(namespace))
+    return cls(**vars(namespace))
   except ConfigError as e:
     parser.error(str(e))

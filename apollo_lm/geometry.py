@@ -104,9 +104,12 @@ def make_geometry(config: TrainConfig) -> Geometry:
       process_index=jax.process_index(), process_count=count)
 
 
-def global_batch(rows: tuple[np.ndarray, np.ndarray],
+def global_batch(rows: tuple[np.ndarray, ...],
                  geometry: Geometry) -> steps.Batch:
   """This process's ``(inputs, targets)`` rows -> the global batch.
+
+  Rows with more fields in the order of :class:`apollo_lm.steps.Batch`
+  (fine-tuning: loss mask, segment ids, positions) keep them.
 
   Local row ``i`` goes to micro-batch ``i % A``: with every process holding
   a multiple of ``A`` consecutive global rows, micro-batch ``a`` is global
@@ -120,4 +123,4 @@ def global_batch(rows: tuple[np.ndarray, np.ndarray],
     return jax.make_array_from_process_local_data(
         geometry.batch_sharding, np.ascontiguousarray(local), shape)
 
-  return steps.Batch(put(rows[0]), put(rows[1]))
+  return steps.Batch(*(None if r is None else put(r) for r in rows))

@@ -306,6 +306,7 @@ def make_optimizer(
     projection: str | None = None,
     limiter: bool = True,
     non_lowrank_lr: float | None = None,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """Builds optimizer ``name`` with the paper's schedule and defaults.
 
@@ -334,6 +335,9 @@ def make_optimizer(
       paper's AdamW baseline uses 1e-3 everywhere; this separates the two
       effects. Requires a float ``learning_rate`` or the default.
 
+    mu_dtype: dtype of the first moments (AdamW, APOLLO's low-rank
+      moments, GaLore's Adam); None: optax's default (the parameters'
+      dtype for AdamW, at least float32 for APOLLO). Adafactor has none.
   Returns:
     The ``optax.GradientTransformation``.
 
@@ -348,7 +352,11 @@ def make_optimizer(
   schedule = (learning_rate if callable(learning_rate)
               else make_schedule(hparams["learning_rate"], total_steps,
                                  warmup_steps))
-  common = dict(b1=hparams["b1"], b2=hparams["b2"], eps=hparams["eps"])
+  if mu_dtype is not None and name == "adafactor":
+    raise ConfigError("mu_dtype", "adafactor has no first moment (no "
+                      "momentum) whose dtype could be set.")
+  common = dict(b1=hparams["b1"], b2=hparams["b2"], eps=hparams["eps"],
+                mu_dtype=mu_dtype)
   apollo_common = dict(
       common, weight_decay=weight_decay, weight_decay_mask=decay_mask,
       update_proj_gap=hparams["update_proj_gap"], seed=seed,

@@ -653,11 +653,15 @@ class RowBatches:
     chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
     return self.rows.take(chosen[self._local])
 
-  def iterate(self, start_step: int = 0) -> Iterator[Rows]:
+  def batches_from(self, start_step: int) -> Iterator[Rows]:
+    """Yields ``batch(start_step)``, ``batch(start_step + 1)``, ... forever
+    (the ``data.TrainBatches`` protocol of the training loop)."""
     step = start_step
     while True:
       yield self.batch(step)
       step += 1
+
+  iterate = batches_from
 
 
 def eval_row_batches(rows: Rows, batch_size: int, *, process_index: int = 0,

@@ -309,17 +309,19 @@ class _Run:
   state_bytes: int
   log: Callable[[str], None]
   writer: metrics_lib.MetricsWriter
+  graphdef: nnx.GraphDef | None = None
 
 
-def _setup(config: TrainConfig, data_fn, model_fn) -> _Run:
+def _setup(config: TrainConfig, data_fn, model_fn, llama_fn,
+           optimizer_fn) -> _Run:
   runtime.initialize(config)
   geometry = geometry_lib.make_geometry(config)
   checkpointer, start_step = _open_checkpoints(config)
   data = data_fn(config, geometry)
-  llama = _llama_config(config, data.vocab_size)
+  llama = llama_fn(config, data.vocab_size)
   graphdef, params = model_fn(config, llama, geometry)
   param_count = model_lib.count_params(llama)
-  tx, hparams, schedule = _optimizer(config, llama)
+  tx, hparams, schedule = optimizer_fn(config, llama)
   init = (lambda p: layerwise.init_layerwise_state(tx, p)) if config.layerwise \
       else tx.init
   with jax.set_mesh(geometry.mesh):
@@ -335,7 +337,7 @@ def _setup(config: TrainConfig, data_fn, model_fn) -> _Run:
   run = _Run(config, geometry, data, llama, params, opt_state, train_step,
              eval_step, schedule, hparams, checkpointer, start_step,
              param_count, apollo_optax.state_bytes(opt_state), log,
-             metrics_lib.MetricsWriter(config.out, enabled=is_main))
+             metrics_lib.MetricsWriter(config.out, enabled=is_main), graphdef)
   log(f"{config.optimizer} on {llama.name} ({param_count:,} params, "
       f"{_dtype_name(config)}), optimizer state {run.state_bytes:,} B, "
       f"hparams {hparams}; {data.description}; mesh "
@@ -367,6 +369,9 @@ def train_and_evaluate(
     config: TrainConfig, *,
     data_fn: Callable[[TrainConfig, geometry_lib.Geometry], RunData] = load_data,
     model_fn: Callable[..., tuple[nnx.GraphDef, Any]] = build_model,
+    llama_fn: Callable[[TrainConfig, int], configs.LlamaConfig] | None = None,
+    optimizer_fn: Callable[..., tuple[Any, dict[str, Any], Any]] | None = None,
+    end_fn: Callable[[nnx.GraphDef, Any], None] | None = None,
 ) -> TrainResult:
   """Runs (or resumes) a pre-training run.
 
@@ -375,6 +380,12 @@ def train_and_evaluate(
     data_fn: ``(config, geometry) -> RunData``; :func:`load_data` by default.
     model_fn: ``(config, llama_config, geometry) -> (graphdef, params)``;
       :func:`build_model` by default.
+    llama_fn: ``(config, vocab_size) -> LlamaConfig``; default: the
+      registry shape ``--config`` (fine-tuning: the checkpoint's).
+    optimizer_fn: ``(config, llama_config) -> (tx, hparams, schedule)``;
+      default: the pre-training recipe (``apollo_lm.optimizers``).
+    end_fn: called with ``(graphdef, params)`` after a run that reached
+      ``--steps`` (fine-tuning: ``--save-hf``).
 
   Returns:
     The :class:`apollo_lm.metrics.TrainResult`.
@@ -383,7 +394,8 @@ def train_and_evaluate(
     ConfigError: an option is invalid for these devices, data or checkpoint.
   """
   wall_start = time.perf_counter()
-  run = _setup(config, data_fn, model_fn)
+  run = _setup(config, data_fn, model_fn, llama_fn or _llama_config,
+               optimizer_fn or _optimizer)
   c, step = config, run.start_step
   losses, history, timing, interrupted = [], [], [0.0, 0], None
   progress = tqdm.tqdm(total=c.steps, initial=step, unit="step",
@@ -412,6 +424,8 @@ def train_and_evaluate(
               "stopping.")
     elif step == c.steps:
       _run_eval(run, step, history)
+      if end_fn is not None:
+        end_fn(run.graphdef, run.params)
     if run.checkpointer is not None and run.checkpointer.latest_step() != step:
       _save(run, step, force=True)
   finally:
