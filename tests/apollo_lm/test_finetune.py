@@ -65,3 +65,190 @@ def test_freeze_nothing_is_tx():
 def test_freeze_unknown_part():
   with pytest.raises(ValueError, match=r"freeze: unknown part\(s\) \['norms'\]; allowed: embedding, head"):
     optimizers.frozen_mask(_params(), ["norms"])
+
+
+# ---------------------------------------------------------------------------
+# The finetune entry point, on the Llama-3-style fixture (GQA, tied, llama3
+# RoPE; tests/fixtures/hf/llama3) with a character tokenizer of its 64 ids.
+
+import json
+import pathlib
+import shutil
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+FIXTURE = pathlib.Path(__file__).parent.parent / "fixtures" / "hf" / "llama3"
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?:.,#\n"
+
+
+def _char_tokenizer() -> tokenizers.Tokenizer:
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|eot|>": 3}
+  vocab.update({c: i + 4 for i, c in enumerate(CHARS)})
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), "isolated")
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens(["<s>", "</s>", "<|eot|>"])
+  return tok
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("ckpt") / "llama3"
+  shutil.copytree(FIXTURE, folder)
+  _char_tokenizer().save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>"}))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  path = tmp_path_factory.mktemp("data") / "train.jsonl"
+  lines = []
+  for _ in range(96):
+    a, b = rng.integers(0, 50, 2)
+    lines.append(json.dumps({"prompt": f"{a}+{b}=", "completion": f"{a + b}."}))
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_layerwise_step_on_packed_rows_matches_ordinary_step(tied):
+  """Packed SFT rows (mask, segment ids, positions) through the layer-wise
+  step, with a frozen embedding: the ordinary step's updates."""
+  import dataclasses
+  import chex
+  from flax import nnx
+  from apollo_lm import configs, layerwise, model as model_lib, sft, steps
+
+  config = configs.LlamaConfig(
+      name="test", hidden_size=32, intermediate_size=64, num_heads=4,
+      num_layers=2, vocab_size=300, max_seq_len=16, dtype=jnp.float32,
+      tie_embeddings=tied, num_kv_heads=2)
+  model = model_lib.Llama(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(0)
+  examples = [sft.Example(rng.integers(4, 300, n).astype(np.int32),
+                          rng.random(n) < 0.6, i)
+              for i, n in enumerate([5, 7, 9, 4, 6, 8, 3, 10])]
+  rows = sft.pack_examples(examples, 16, seed=0)
+  assert rows.segment_ids.max() > 1
+  batch = steps.Batch(*(jnp.asarray(f) for f in rows))
+  tx = optimizers.freeze(apollo_optax.apollo(1e-2, rank=4), ["embedding"])
+  ordinary = jax.jit(steps.make_train_step(graphdef, tx, with_grad_norm=False))
+  lw = jax.jit(steps.make_layerwise_train_step(config, tx))
+  p1, s1 = params, tx.init(params)
+  p2, s2 = params, layerwise.init_layerwise_state(tx, params)
+  for _ in range(2):
+    p1, s1, m1 = ordinary(p1, s1, batch)
+    p2, s2, m2 = lw(p2, s2, batch)
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+  chex.assert_trees_all_close(p2, p1, atol=1e-6, rtol=0)
+  np.testing.assert_array_equal(p1["embed"]["embedding"],
+                                params["embed"]["embedding"])
+
+
+def _run(checkpoint, sft_file, tmp_path, *extra):
+  from apollo_lm import finetune
+  args = ["--checkpoint", str(checkpoint), "--data", str(sft_file),
+          "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+          "--eval-every", "0", "--no-progress", "--num-devices", "1",
+          "--out", str(tmp_path / "out"), *extra]
+  config = finetune.cli.parse_or_exit(
+      finetune.cli.build_parser(finetune.FinetuneConfig), args,
+      finetune.FinetuneConfig)
+  return config, finetune.finetune(config)
+
+
+@pytest.mark.parametrize("optimizer, extra", [
+    ("apollo_mini", ["--lr", "1e-2"]),
+    ("adamw", ["--lr", "1e-2", "--layerwise", "--freeze-embedding"]),
+])
+def test_a_few_steps_reduce_the_completion_loss(checkpoint, sft_file, tmp_path,
+                                                optimizer, extra):
+  from apollo_lm import hf
+  config, result = _run(checkpoint, sft_file, tmp_path, "--optimizer",
+                        optimizer, "--save-hf", str(tmp_path / "hf"), *extra)
+  assert result.step == 6
+  assert result.losses[-1] < result.losses[0] - 0.1, result.losses
+  assert result.eval_loss is not None and np.isfinite(result.eval_loss)
+  # The saved folder loads and holds the trained (changed) weights.
+  tuned, _ = hf.load_pretrained(tmp_path / "hf")
+  base, _ = hf.load_pretrained(checkpoint)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    assert (tmp_path / "hf" / name).is_file()
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a[...]) != np.asarray(b[...]))),
+                         nnx_params(tuned), nnx_params(base))
+  assert changed["layers"]["attn"]["q_proj"]["kernel"]
+  assert changed["embed"]["embedding"] == ("--freeze-embedding" not in extra)
+
+
+def nnx_params(model):
+  from flax import nnx
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_prompt_tokens_get_no_gradient(checkpoint, sft_file):
+  """The loss counts completion tokens only: changing what the targets are at
+  prompt positions changes neither the loss nor the gradient."""
+  from flax import nnx
+  from apollo_lm import hf, sft, steps
+  model, _ = hf.load_pretrained(checkpoint)
+  graphdef, state = nnx.split(model, nnx.Param)
+  tok = sft.load_tokenizer(checkpoint)
+  examples, _ = sft.read_jsonl(sft_file, tok, max_tokens=33)
+  rows = sft.pack_examples(examples[:12], 32, seed=0)
+  batch = steps.Batch(*(jnp.asarray(f) for f in rows))
+  assert 0 < float(batch.loss_mask.mean()) < 1
+  other = batch._replace(targets=jnp.where(
+      batch.loss_mask > 0, batch.targets, (batch.targets + 7) % 64))
+  grad = jax.jit(jax.value_and_grad(steps.loss_fn(graphdef)))
+  (l1, g1), (l2, g2) = grad(state, batch), grad(state, other)
+  assert float(l1) == float(l2)
+  jax.tree.map(np.testing.assert_array_equal, g1, g2)
+  # ... while a changed completion target does change the loss.
+  third = batch._replace(targets=jnp.where(
+      batch.loss_mask > 0, (batch.targets + 7) % 64, batch.targets))
+  assert float(grad(state, third)[0]) != float(l1)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--checkpoint: a Hugging Face model folder is required"),
+    (["--checkpoint", "/nonexistent"], "--checkpoint: /nonexistent: no config.json"),
+    (["--checkpoint", "CKPT"], "--data: fine-tuning data is required"),
+    (["--checkpoint", "CKPT", "--data", "DATA", "--freeze-head"],
+     "--freeze-head: this checkpoint ties the head to the embedding"),
+    (["--checkpoint", "CKPT", "--data", "DATA", "--eval-fraction", "1.5"],
+     r"--eval-fraction: must be in \(0, 1\)"),
+    (["--checkpoint", "CKPT", "--data", "DATA", "--optimizer", "adafactor",
+      "--mu-dtype", "bfloat16"], "--mu-dtype: adafactor has no first moment"),
+])
+def test_errors_name_the_flag(checkpoint, sft_file, tmp_path, args, message):
+  from apollo_lm import finetune
+  from apollo_lm.errors import ConfigError
+  args = [str(checkpoint) if a == "CKPT" else str(sft_file) if a == "DATA"
+          else a for a in args]
+  with pytest.raises(ConfigError, match=message):
+    config = finetune.FinetuneConfig(**vars(
+        finetune.cli.build_parser(finetune.FinetuneConfig).parse_args(
+            args + ["--steps", "4", "--num-devices", "1", "--seq-len", "32",
+                    "--batch-size", "4"])))
+    finetune.finetune(config)
+
+
+def test_defaults_are_the_papers_fine_tuning_recipe(checkpoint, sft_file):
+  from apollo_lm import finetune
+  for name, expected in finetune.FINETUNE_DEFAULTS.items():
+    config = finetune.FinetuneConfig(checkpoint=str(checkpoint),
+                                     data=(str(sft_file),), optimizer=name)
+    assert config.lr == expected["learning_rate"]
+    assert config.rank == expected.get("rank")
+    assert config.scale == expected.get("scale")
+    assert config.warmup == 100  # min(100, 10% of the default 1000 steps)
+  schedule = finetune.linear_schedule(3e-4, 1000, 100)
+  np.testing.assert_allclose([schedule(0), schedule(50), schedule(100),
+                              schedule(550), schedule(1000)],
+                             [0, 1.5e-4, 3e-4, 1.5e-4, 0], atol=1e-12)

@@ -1,0 +1,337 @@
+# Copyright 2025 The apollo_optax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Full-parameter fine-tuning of a Hugging Face checkpoint with APOLLO.
+
+Usage::
+
+  python -m apollo_lm.finetune --checkpoint Llama-3.2-1B-Instruct \\
+      --data train.jsonl --optimizer apollo_mini --steps 1000 \\
+      --batch-size 8 --seq-len 1024 --save-hf out/llama-ft
+
+Fine-tuning defaults (:data:`FINETUNE_DEFAULTS`) are the APOLLO paper's
+(Table 12, commonsense fine-tuning of Llama-3.2-1B): rank 32, APOLLO-Mini
+rank 1 and scale 128 (update x sqrt(128)), APOLLO scale 5 (x sqrt(5)),
+learning rate 3e-4 for the APOLLO family and GaLore, 2e-5 for AdamW (the
+paper sweeps 2e-5..5e-5), a linear schedule with 100 warm-up steps, no weight
+decay. LLaMA-Factory's ``use_apollo`` example instead uses rank 16, scale 32,
+lr 1e-5, layer-wise updates and pure bf16; pass ``--rank 16 --scale 32 --lr
+1e-5 --layerwise --param-dtype bfloat16`` for that recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+import apollo_optax
+from apollo_lm import cli
+from apollo_lm import configs
+from apollo_lm import geometry as geometry_lib
+from apollo_lm import hf
+from apollo_lm import layerwise
+from apollo_lm import optimizers
+from apollo_lm import sft
+from apollo_lm import train as train_lib
+from apollo_lm.config import _option
+from apollo_lm.config import TrainConfig
+from apollo_lm.errors import ConfigError
+
+FINETUNE_DEFAULTS: Final[dict[str, dict[str, Any]]] = {
+    "adamw": dict(learning_rate=2e-5),
+    "apollo": dict(learning_rate=3e-4, rank=32, scale=5.0),
+    "apollo_mini": dict(learning_rate=3e-4, scale=128.0),
+    "galore": dict(learning_rate=3e-4, rank=32, scale=0.25),
+    # Not in the paper: Adafactor (absolute steps, no momentum) at AdamW's.
+    "adafactor": dict(learning_rate=2e-5),
+}
+"""Per optimizer: peak learning rate, and rank/scale where it has them."""
+
+WARMUP_STEPS: Final[int] = 100
+
+
+def linear_schedule(peak: float, total_steps: int,
+                    warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to ``peak``, then linear decay to 0 at
+  ``total_steps`` (``transformers``' ``get_linear_schedule_with_warmup``).
+
+  Raises:
+    ValueError: ``warmup_steps`` not in ``[0, total_steps)``.
+  """
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f"--warmup-steps: {warmup_steps} must be in [0, --steps="
+                     f"{total_steps}).")
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup_steps),
+       optax.linear_schedule(peak, 0.0, total_steps - warmup_steps)],
+      [warmup_steps])
+
+
+PARAM_DTYPES: Final[dict[str, Any]] = {"float32": jnp.float32,
+                                       "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+  """The options of ``python -m apollo_lm.finetune``: :class:`TrainConfig`
+  (same mesh, memory, checkpoint, resume and logging options) plus the
+  checkpoint, the SFT data and what to freeze. Pre-training-only options
+  (``--config``, ``--vocab-size``, ``--c4*``, ``--hf-tokenizer``) are not on
+  its command line.
+  """
+
+  # Pre-training options that a checkpoint fixes: off the command line.
+  model: str = _option("tiny", "unused: the checkpoint fixes the model",
+                       group="model", cli=False)
+  vocab_size: int = _option(8192, "unused: the checkpoint's tokenizer",
+                            group="data", cli=False)
+  c4: bool = _option(False, "unused", group="data", cli=False)
+  c4_files: tuple[str, ...] | None = _option(None, "unused", group="data",
+                                             cli=False)
+  c4_eval_files: tuple[str, ...] | None = _option(None, "unused",
+                                                  group="data", cli=False)
+  hf_tokenizer: str = _option("t5-base", "unused", group="data", cli=False)
+  data: tuple[str, ...] | None = _option(
+      None, "fine-tuning data: JSON lines ({prompt, completion} or {messages}) "
+      "or plain text files for continued pre-training (apollo_lm.sft)",
+      group="data", nargs="+", metavar="PATH")
+  eval_data: tuple[str, ...] | None = _option(
+      None, "held-out data of the same kind (default: --eval-fraction of "
+      "--data)", group="data", nargs="+", metavar="PATH")
+  seq_len: int = _option(1024, "positions per packed row", group="run")
+  batch_size: int = _option(8, "global batch size (packed rows per update)",
+                            group="run")
+  steps: int = _option(1000, "optimizer updates", group="run")
+  optimizer: str = _option(
+      "apollo_mini", f"one of {', '.join(optimizers.OPTIMIZER_NAMES)}",
+      group="optimizer")
+  warmup_steps: int | None = _option(
+      None, f"linear warm-up steps (default: min({WARMUP_STEPS}, 10%% of "
+      "--steps)); then linear decay to 0", group="optimizer")
+
+  # Fine-tuning options.
+  checkpoint: str | None = _option(
+      None, "Hugging Face model folder (config.json, *.safetensors, "
+      "tokenizer.json)", group="finetune", metavar="DIR")
+  eval_fraction: float = _option(
+      0.05, "share of --data held out when there is no --eval-data",
+      group="finetune")
+  strict_data: bool = _option(
+      False, "bad records are an error (default: skipped and reported with "
+      "their line numbers)", group="finetune")
+  save_hf: str | None = _option(
+      None, "write the fine-tuned model here as a Hugging Face folder (with "
+      "the checkpoint's tokenizer files)", group="finetune", metavar="DIR")
+  param_dtype: str = _option(
+      "float32", "storage dtype of the weights (bfloat16: pure bf16 "
+      "training, as LLaMA-Factory's pure_bf16)", group="finetune",
+      choices=tuple(PARAM_DTYPES))
+  mu_dtype: str | None = _option(
+      None, "dtype of the optimizer's first moments (default: the weights'; "
+      "bfloat16 halves APOLLO's low-rank moments)", group="finetune",
+      choices=tuple(PARAM_DTYPES))
+  freeze_embedding: bool = _option(
+      False, "do not train the token embedding (no gradient, no state)",
+      group="finetune")
+  freeze_head: bool = _option(
+      False, "do not train the output head (tied checkpoints: use "
+      "--freeze-embedding, which is the same matrix)", group="finetune")
+
+  def __post_init__(self):
+    defaults = FINETUNE_DEFAULTS.get(self.optimizer, {})
+    for name, key in (("lr", "learning_rate"), ("rank", "rank"),
+                      ("scale", "scale")):
+      if getattr(self, name) is None and key in defaults:
+        object.__setattr__(self, name, defaults[key])
+    if self.warmup_steps is None and isinstance(self.steps, int):
+      object.__setattr__(self, "warmup_steps",
+                         min(WARMUP_STEPS, self.steps // 10))
+    super().__post_init__()
+
+  def validate(self) -> None:
+    super().validate()
+    if not self.checkpoint:
+      raise ConfigError("--checkpoint", "a Hugging Face model folder is "
+                        "required.")
+    if not pathlib.Path(self.checkpoint, "config.json").is_file():
+      raise ConfigError("--checkpoint", f"{self.checkpoint}: no config.json "
+                        "(expected a Hugging Face model folder).")
+    if not self.data:
+      raise ConfigError("--data", "fine-tuning data is required (JSON lines "
+                        "or text files).")
+    if self.mu_dtype is not None and self.optimizer == "adafactor":
+      raise ConfigError("--mu-dtype", "adafactor has no first moment (no "
+                        "momentum) whose dtype could be set.")
+    if self.eval_data is None and not 0 < self.eval_fraction < 1:
+      raise ConfigError("--eval-fraction", f"must be in (0, 1), got "
+                        f"{self.eval_fraction}.")
+
+  @property
+  def frozen_parts(self) -> tuple[str, ...]:
+    return (("embedding",) if self.freeze_embedding else ()) + (
+        ("head",) if self.freeze_head else ())
+
+
+def checkpoint_config(config: FinetuneConfig) -> configs.LlamaConfig:
+  """The model config of ``config.checkpoint`` with the run's dtypes."""
+  hf_config = json.loads(pathlib.Path(config.checkpoint, "config.json").read_text())
+  try:
+    llama = hf.config_from_hf(
+        hf_config, max_seq_len=config.seq_len,
+        param_dtype=PARAM_DTYPES[config.param_dtype],
+        dtype=train_lib._DTYPES[train_lib._dtype_name(config)],  # pylint: disable=protected-access
+        remat=config.remat, **config.model_overrides())
+  except ValueError as e:
+    raise ConfigError("--checkpoint", str(e)) from e
+  if config.freeze_head and llama.tie_embeddings:
+    raise ConfigError("--freeze-head", "this checkpoint ties the head to the "
+                      "embedding; use --freeze-embedding (the same matrix).")
+  return llama
+
+
+def load_data(config: FinetuneConfig,
+              geometry: geometry_lib.Geometry) -> train_lib.RunData:
+  """The SFT data of ``config`` (``data_fn`` of the loop)."""
+  tok = sft.load_tokenizer(config.checkpoint)
+  try:
+    data = sft.load_sft_data(
+        list(config.data), tok, geometry.seq_len,
+        eval_data=None if config.eval_data is None else list(config.eval_data),
+        eval_fraction=config.eval_fraction, strict=config.strict_data,
+        seed=config.seed)
+  except (OSError, ValueError) as e:
+    raise ConfigError("--data", str(e)) from e
+  local = dict(process_index=geometry.process_index,
+               process_count=geometry.process_count)
+  for report in data.reports:
+    if report.bad and geometry.process_index == 0:
+      print(report.summary(), file=sys.stderr)
+  try:
+    train = sft.RowBatches(data.train, geometry.batch_size, seed=config.seed,
+                           **local)
+  except ValueError as e:
+    raise ConfigError("--batch-size", str(e)) from e
+  eval_batches = []
+  if config.eval_batches:
+    eval_batches = sft.eval_row_batches(data.eval, geometry.micro_batch,
+                                        **local)[:config.eval_batches]
+  return train_lib.RunData(train, eval_batches, tok.vocab_size,
+                           data.description)
+
+
+def load_model(config: FinetuneConfig, llama: configs.LlamaConfig,
+               geometry: geometry_lib.Geometry) -> tuple[nnx.GraphDef, Any]:
+  """The checkpoint's weights, sharded (``model_fn`` of the loop)."""
+  model, _ = hf.load_pretrained(
+      config.checkpoint, dtype=llama.param_dtype, compute_dtype=llama.dtype,
+      max_seq_len=llama.max_seq_len, mesh=geometry.mesh, remat=llama.remat,
+      **config.model_overrides())
+  graphdef, state = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(state)
+  if config.quantize_weights == "int8":
+    try:
+      params = layerwise.quantize_llama_params(params, config.quant_group_size)
+    except ValueError as e:
+      raise ConfigError("--quant-group-size", str(e)) from e
+  return graphdef, params
+
+
+def make_optimizer(config: FinetuneConfig, llama: configs.LlamaConfig):
+  """(tx, hyper-parameters, schedule): the fine-tuning recipe.
+
+  :func:`apollo_lm.optimizers.make_optimizer` with the linear schedule,
+  ``--mu-dtype``, the frozen parts, and int8 weights outermost.
+  """
+  schedule = linear_schedule(config.lr, config.steps, config.warmup)
+  options = dict(rank=config.rank, scale=config.scale,
+                 scale_type=config.scale_type, projection=config.projection,
+                 limiter=config.limiter)
+  try:
+    hparams = optimizers.resolve_hparams(config.optimizer, llama,
+                                         learning_rate=config.lr, **options)
+    tx = optimizers.make_optimizer(
+        config.optimizer, learning_rate=schedule, total_steps=config.steps,
+        warmup_steps=config.warmup, config=llama,
+        weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+        seed=config.seed,
+        mu_dtype=PARAM_DTYPES[config.mu_dtype] if config.mu_dtype else None,
+        **options)
+  except ConfigError as e:
+    raise e.renamed(FinetuneConfig.flag(e.option)) from e
+  tx = optimizers.freeze(tx, config.frozen_parts)
+  if config.quantize_weights == "int8":
+    tx = apollo_optax.quantized_weights(tx, key=jax.random.key(config.seed))
+  hparams |= {"schedule": "linear", "frozen": list(config.frozen_parts),
+              "mu_dtype": config.mu_dtype}
+  return tx, hparams, schedule
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "chat_template.jinja",
+                    "generation_config.json")
+
+
+def save_hf(config: FinetuneConfig, llama: configs.LlamaConfig,
+            graphdef: nnx.GraphDef, params: Any) -> None:
+  """Writes the fine-tuned weights and the checkpoint's tokenizer files."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  params = apollo_optax.dequantize_params(params, llama.param_dtype)
+  model = nnx.merge(graphdef, params)
+  out = pathlib.Path(config.save_hf)
+  hf.save_pretrained(model, llama, out)
+  for name in _TOKENIZER_FILES:
+    source = pathlib.Path(config.checkpoint, name)
+    if source.is_file():
+      shutil.copy(source, out / name)
+
+
+def finetune(config: FinetuneConfig):
+  """Runs (or resumes) a fine-tuning run: the pre-training loop
+  (:func:`apollo_lm.train.train_and_evaluate`) with the checkpoint's model,
+  the SFT data and the fine-tuning optimizer; then ``--save-hf``."""
+  llama = checkpoint_config(config)
+  end_fn = None
+  if config.save_hf:
+    end_fn = lambda graphdef, params: save_hf(config, llama, graphdef, params)
+  return train_lib.train_and_evaluate(
+      config, data_fn=load_data, model_fn=load_model,
+      llama_fn=lambda *_: llama, optimizer_fn=make_optimizer, end_fn=end_fn)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; option errors exit with status 2."""
+  parser = cli.build_parser(
+      FinetuneConfig, prog="python -m apollo_lm.finetune",
+      description="Fine-tune a Hugging Face Llama/Mistral/Qwen2 checkpoint "
+      "with APOLLO, APOLLO-Mini, AdamW, GaLore or Adafactor.")
+  config = cli.parse_or_exit(parser, argv, FinetuneConfig)
+  try:
+    result = finetune(config)
+  except ConfigError as e:
+    parser.error(str(e))
+  if jax.process_index() == 0:
+    print(json.dumps(result.summary(), indent=1))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
