@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures clean
+.PHONY: setup test demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures bench-finetune clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,3 +81,11 @@ hf-fixtures: $(STAMP)
 	test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
 	.venv-torch/bin/python -m pip install --quiet torch==2.13.0 transformers safetensors tokenizers numpy
 	.venv-torch/bin/python tests/fixtures/hf/make_fixtures.py --jax-python $(PY)
+
+# Fine-tuning (issue 11): compiled memory of full fine-tuning of the
+# Llama-3.2-1B / Llama-3.1-8B shapes (batch 1, seq 1024), and held-out
+# completion loss before/after fine-tuning a job-pre-trained tiny model on a
+# generated instruction set (AdamW, APOLLO, APOLLO-Mini).
+bench-finetune: $(STAMP)
+	$(PY) -m benchmarks.finetune_memory
+	$(PY) -m benchmarks.finetune_quality

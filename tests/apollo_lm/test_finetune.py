@@ -252,3 +252,30 @@ def test_defaults_are_the_papers_fine_tuning_recipe(checkpoint, sft_file):
   np.testing.assert_allclose([schedule(0), schedule(50), schedule(100),
                               schedule(550), schedule(1000)],
                              [0, 1.5e-4, 3e-4, 1.5e-4, 0], atol=1e-12)
+
+
+def test_finetune_benchmarks_smoke(tmp_path):
+  """The memory benchmark compiles one variant of a small model and writes
+  its report; the quality benchmark's instruction set is deterministic and
+  its held-out prompts are not in the training set."""
+  import json
+  from benchmarks import finetune_memory, finetune_quality
+  results = finetune_memory.main([
+      "--smoke", "--models", "llama-3.2-1b", "--variants", "apollo_mini_lw",
+      "--seq-len", "32", "--out-dir", str(tmp_path)])
+  entry = results["models"]["llama-3.2-1b"]
+  variant = entry["variants"]["apollo_mini_lw"]
+  assert variant["total_bytes"] >= variant["params_bytes"] > 0
+  assert entry["lora_base_bytes"] == 2 * entry["param_count"]
+  assert "APOLLO-Mini + layer-wise" in (tmp_path / "finetune_memory.md").read_text()
+  held = finetune_quality.instruction_records(40, 1)
+  train = finetune_quality.instruction_records(
+      200, 0, exclude={r["prompt"] for r in held})
+  assert train == finetune_quality.instruction_records(
+      200, 0, exclude={r["prompt"] for r in held})
+  assert not {r["prompt"] for r in held} & {r["prompt"] for r in train}
+  assert {r["prompt"].split("\n")[0] for r in train} == {
+      f"# task: {t}" for t in finetune_quality.TASKS}
+  add = next(r for r in train if "task: add" in r["prompt"])
+  a, b = map(int, add["prompt"].split("input: ")[1].split("\n")[0].split(" + "))
+  assert add["completion"] == f" {a + b}"
