@@ -653,7 +653,7 @@ class RowBatches:
     chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
     return self.rows.take(chosen[self._local])
 
-  def batches_from(self, start_step: int) -> Iterator[Rows]:
+  def batches_from(self, start_step: int = 0) -> Iterator[Rows]:
     """Yields ``batch(start_step)``, ``batch(start_step + 1)``, ... forever
     (the ``data.TrainBatches`` protocol of the training loop)."""
     step = start_step
