@@ -40,7 +40,7 @@ OPTIMIZER_NAMES: Final[tuple[str, ...]] = (
 
 APOLLO_NAMES: Final[tuple[str, ...]] = ("apollo", "apollo_mini")
 SCALE_TYPES: Final[tuple[str, ...]] = ("channel", "tensor")
-PROJECTIONS: Final[tuple[str, ...]] = ("gaussian", "svd")
+PROJECTIONS: Final[tuple[str, ...]] = ("gaussian", "rademacher", "svd")
 
 MIN_LR_RATIO: Final[float] = 0.1
 """Final learning rate of the cosine schedule, as a fraction of the peak."""
@@ -133,7 +133,8 @@ def resolve_hparams(name: str, config: LlamaConfig, *,
     scale: APOLLO/GaLore scale; None for the default.
     scale_type: APOLLO's scaling granularity, ``"channel"`` or ``"tensor"``;
       None for the default (channel for apollo, tensor for apollo_mini).
-    projection: APOLLO's projection, ``"gaussian"`` or ``"svd"``; None for
+    projection: APOLLO's projection, ``"gaussian"``, ``"rademacher"`` (the
+      fast path's ±1/√r signs, issue 12) or ``"svd"``; None for
       ``"gaussian"``.
     limiter: APOLLO's norm-growth limiter (gamma 1.01) on or off.
 
@@ -325,8 +326,8 @@ def make_optimizer(
     seed: Seed of APOLLO's random projections.
     scale_type: APOLLO's scaling granularity (``"channel"``/``"tensor"``);
       None for the optimizer's default. For the paper's ablations.
-    projection: APOLLO's projection (``"gaussian"``/``"svd"``); None for
-      ``"gaussian"``.
+    projection: APOLLO's projection (``"gaussian"``/``"rademacher"``/
+      ``"svd"``); None for ``"gaussian"``.
     limiter: False turns APOLLO's norm-growth limiter off.
     non_lowrank_lr: Peak learning rate of the leaves outside
       :func:`apollo_optax.default_lowrank_mask` (embedding, output head,

@@ -184,7 +184,7 @@ def test_ablation_options_reach_apollo(options, model_and_batch):
     ("apollo", dict(scale_type="row"),
      r"scale_type: unknown value 'row'; allowed: channel, tensor"),
     ("apollo", dict(projection="qr"),
-     r"projection: unknown value 'qr'; allowed: gaussian, svd"),
+     r"projection: unknown value 'qr'; allowed: gaussian, rademacher, svd"),
     ("apollo_mini", dict(scale_type="channel"),
      r"scale_type: apollo_mini is tensor-wise"),
 ])
@@ -222,3 +222,27 @@ def test_non_lowrank_lr_scales_only_embedding_head_and_norms(
     optimizers.make_optimizer(name, learning_rate=optax.constant_schedule(1.),
                               total_steps=10, warmup_steps=1, config=CONFIG,
                               non_lowrank_lr=1e-2)
+
+
+@pytest.mark.parametrize("name", ["apollo", "apollo_mini"])
+def test_rademacher_projection_option(name):
+  """--projection rademacher reaches apollo_optax: same state layout as the
+  Gaussian, different projected moments."""
+  config = configs.get_config("tiny", vocab_size=64)
+  params = {"layers": {"mlp": {"kernel": jnp.ones((2, 16, 24))}}}
+  grads = {"layers": {"mlp": {"kernel": jax.random.normal(
+      jax.random.key(0), (2, 16, 24))}}}
+  states = {}
+  for projection in ("gaussian", "rademacher"):
+    tx = optimizers.make_optimizer(name, total_steps=10, warmup_steps=1,
+                                   config=config, projection=projection)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)
+    states[projection] = state
+  chex.assert_trees_all_equal_shapes_and_dtypes(states["gaussian"],
+                                                states["rademacher"])
+  is_apollo = lambda x: isinstance(x, apollo_optax.ScaleByApolloState)
+  mus = [[x for x in jax.tree.leaves(s, is_leaf=is_apollo) if is_apollo(x)][0].mu
+         for s in states.values()]
+  assert not np.allclose(np.asarray(jax.tree.leaves(mus[0])[0]),
+                         np.asarray(jax.tree.leaves(mus[1])[0]))
