@@ -94,6 +94,11 @@ class TrainConfig:
   projection: str | None = _option(
       None, "apollo/apollo_mini projection (ablation; default: gaussian)",
       group="optimizer", choices=optimizers.PROJECTIONS)
+  projection_dtype: str | None = _option(
+      None, "apollo/apollo_mini projection product input dtype: bfloat16 "
+      "(fast path, float32 accumulation; with --projection rademacher P is "
+      "exact) or float32 (default: the gradient's dtype)", group="optimizer",
+      choices=("float32", "bfloat16"))
   limiter: bool = _option(
       True, "turn apollo's norm-growth limiter off (ablation)",
       group="optimizer", flag="--no-limiter")

@@ -308,6 +308,7 @@ def make_optimizer(
     limiter: bool = True,
     non_lowrank_lr: float | None = None,
     mu_dtype: Any = None,
+    projection_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """Builds optimizer ``name`` with the paper's schedule and defaults.
 
@@ -334,8 +335,13 @@ def make_optimizer(
       norms), on the same schedule; None: the same peak as the rest. The
       official APOLLO code gives those leaves APOLLO's lr (1e-2) while the
       paper's AdamW baseline uses 1e-3 everywhere; this separates the two
-      effects. Requires a float ``learning_rate`` or the default.
-
+      effects. Requires a float ``learning_rate`` or the default. For
+      ``apollo``/``apollo_mini`` it is their ``adam_learning_rate`` (the
+      same warm-up + cosine schedule at this peak); the other optimizers'
+      updates of those leaves are scaled by ``non_lowrank_lr / peak``.
+    projection_dtype: input dtype of APOLLO's projection product
+      (``jnp.bfloat16``: the fast path of issue 12, float32 accumulation);
+      None: the gradient's compute dtype.
     mu_dtype: dtype of the first moments (AdamW, APOLLO's low-rank
       moments, GaLore's Adam); None: optax's default (the parameters'
       dtype for AdamW, at least float32 for APOLLO). Adafactor has none.
@@ -347,6 +353,16 @@ def make_optimizer(
       optimizer does not take.
   """
   peak = None if callable(learning_rate) else learning_rate
+  if non_lowrank_lr is not None:
+    if callable(learning_rate):
+      raise ConfigError(
+          "non_lowrank_lr", "needs a float learning_rate (or None), not a "
+          "schedule, to put the other leaves on the same schedule.")
+    if not non_lowrank_lr > 0:
+      raise ConfigError("non_lowrank_lr", f"must be > 0, got {non_lowrank_lr}.")
+  if projection_dtype is not None and name not in APOLLO_NAMES:
+    raise ConfigError("projection_dtype", f"{name!r} has no projection (only "
+                      f"{' and '.join(APOLLO_NAMES)} do).")
   hparams = resolve_hparams(name, config, learning_rate=peak, rank=rank,
                        scale=scale, scale_type=scale_type,
                        projection=projection, limiter=limiter)
@@ -362,7 +378,10 @@ def make_optimizer(
       common, weight_decay=weight_decay, weight_decay_mask=decay_mask,
       update_proj_gap=hparams["update_proj_gap"], seed=seed,
       scale=hparams["scale"],
-      projection=hparams["projection"],
+      projection=hparams["projection"], projection_dtype=projection_dtype,
+      adam_learning_rate=(
+          None if non_lowrank_lr is None
+          else make_schedule(non_lowrank_lr, total_steps, warmup_steps)),
       **({} if limiter else {"norm_growth_limit": None}))
   if name == "adamw":
     tx = optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask,
@@ -386,13 +405,9 @@ def make_optimizer(
     tx = optax.adafactor(schedule, multiply_by_parameter_scale=False,
                          weight_decay_rate=weight_decay or None,
                          weight_decay_mask=decay_mask)
-  if non_lowrank_lr is not None:
-    if callable(learning_rate):
-      raise ConfigError(
-          "non_lowrank_lr", "needs a float learning_rate (or None), not a "
-          "schedule, to scale the schedule of the other leaves by.")
-    if not non_lowrank_lr > 0:
-      raise ConfigError("non_lowrank_lr", f"must be > 0, got {non_lowrank_lr}.")
+  if non_lowrank_lr is not None and name not in APOLLO_NAMES:
+    # apollo/apollo_mini take it as their own `adam_learning_rate` (above);
+    # the others have no such split, so their final updates are scaled.
     tx = optax.chain(tx, _scale_non_lowrank(
         non_lowrank_lr / hparams["learning_rate"]))
   if grad_clip is not None:

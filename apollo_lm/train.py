@@ -194,7 +194,10 @@ def _optimizer(config: TrainConfig, llama: configs.LlamaConfig):
         config.optimizer, total_steps=config.steps,
         warmup_steps=config.warmup, config=llama,
         weight_decay=config.weight_decay, grad_clip=config.grad_clip,
-        seed=config.seed, non_lowrank_lr=config.non_lowrank_lr, **options)
+        seed=config.seed, non_lowrank_lr=config.non_lowrank_lr,
+        projection_dtype=(None if config.projection_dtype is None
+                          else _DTYPES[config.projection_dtype]),
+        **options)
   except ConfigError as e:
     raise e.renamed(TrainConfig.flag(e.option)) from e
   if config.quantize_weights == "int8":

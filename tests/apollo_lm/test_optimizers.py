@@ -194,7 +194,7 @@ def test_ablation_options_errors_name_the_option(name, options, match):
                               config=CONFIG, **options)
 
 
-@pytest.mark.parametrize("name", ["adamw", "apollo"])
+@pytest.mark.parametrize("name", ["adamw", "apollo", "apollo_mini"])
 def test_non_lowrank_lr_scales_only_embedding_head_and_norms(
     name, model_and_batch):
   _, params, _ = model_and_batch
@@ -246,3 +246,33 @@ def test_rademacher_projection_option(name):
          for s in states.values()]
   assert not np.allclose(np.asarray(jax.tree.leaves(mus[0])[0]),
                          np.asarray(jax.tree.leaves(mus[1])[0]))
+
+
+def test_projection_dtype_option(model_and_batch):
+  """--projection-dtype bfloat16 reaches apollo_optax (the product runs in
+  bf16, so the update moves, within bf16 rounding); others refuse it."""
+  _, params, _ = model_and_batch
+  grads = jax.tree.map(
+      lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+
+  def update(**kwargs):
+    tx = optimizers.make_optimizer("apollo", total_steps=10, warmup_steps=1,
+                                   config=CONFIG, **kwargs)
+    state = tx.init(params)
+    updates, _ = tx.update(grads, tx.update(grads, state, params)[1], params)
+    return updates
+
+  base, fast = update(), update(projection_dtype=jnp.bfloat16)
+  lowrank = apollo_optax.default_lowrank_mask(params)
+  moved = 0
+  for b, f, low in zip(jax.tree.leaves(base), jax.tree.leaves(fast),
+                       jax.tree.leaves(lowrank)):
+    if low:
+      np.testing.assert_allclose(f, b, rtol=5e-2, atol=1e-7)
+      moved += not np.array_equal(f, b)
+    else:
+      np.testing.assert_array_equal(f, b)
+  assert moved >= 1
+  with pytest.raises(ValueError, match="projection_dtype: 'adamw' has no"):
+    optimizers.make_optimizer("adamw", total_steps=10, warmup_steps=1,
+                              config=CONFIG, projection_dtype=jnp.bfloat16)
