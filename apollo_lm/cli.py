@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import jax
 
 from apollo_lm.config import TrainConfig
 from apollo_lm.errors import ConfigError
@@ -97,3 +100,23 @@ def parse_or_exit(parser: argparse.ArgumentParser,
     return cls(**vars(namespace))
   except ConfigError as e:
     parser.error(str(e))
+
+
+def run_main(run: Callable[[Any], Any], argv: Sequence[str] | None,
+             cls: type[TrainConfig] = TrainConfig, **parser_kwargs: Any) -> int:
+  """Parses ``argv`` into ``cls``, calls ``run(config)``, prints its summary.
+
+  The shared body of the ``main()`` of ``apollo_lm.train`` and
+  ``apollo_lm.finetune``: option errors (also those raised by ``run``) exit
+  via ``parser.error`` with status 2; process 0 prints ``result.summary()``
+  as JSON.
+  """
+  parser = build_parser(cls, **parser_kwargs)
+  config = parse_or_exit(parser, argv, cls)
+  try:
+    result = run(config)
+  except ConfigError as e:
+    parser.error(str(e))
+  if jax.process_index() == 0:
+    print(json.dumps(result.summary(), indent=1))
+  return 0

@@ -319,18 +319,10 @@ def finetune(config: FinetuneConfig):
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; option errors exit with status 2."""
-  parser = cli.build_parser(
-      FinetuneConfig, prog="python -m apollo_lm.finetune",
+  return cli.run_main(
+      finetune, argv, FinetuneConfig, prog="python -m apollo_lm.finetune",
       description="Fine-tune a Hugging Face Llama/Mistral/Qwen2 checkpoint "
       "with APOLLO, APOLLO-Mini, AdamW, GaLore or Adafactor.")
-  config = cli.parse_or_exit(parser, argv, FinetuneConfig)
-  try:
-    result = finetune(config)
-  except ConfigError as e:
-    parser.error(str(e))
-  if jax.process_index() == 0:
-    print(json.dumps(result.summary(), indent=1))
-  return 0
 
 
 if __name__ == "__main__":

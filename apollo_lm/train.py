@@ -47,7 +47,6 @@ Design:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -496,15 +495,7 @@ def train(options: TrainConfig | Mapping[str, Any] | Sequence[str] | None
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; option errors exit with status 2."""
-  parser = cli.build_parser()
-  config = cli.parse_or_exit(parser, argv)
-  try:
-    result = train_and_evaluate(config)
-  except ConfigError as e:
-    parser.error(str(e))
-  if jax.process_index() == 0:
-    print(json.dumps(result.summary(), indent=1))
-  return 0
+  return cli.run_main(train_and_evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -183,11 +183,7 @@ def measure(config_name: str, rounds: int, calls: int, warmup: int,
       common.smoke_config())
   rank = optimizers.default_rank(config.hidden_size)
   params = common.init_params(config)
-  keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(params)))
-  grads = jax.tree.unflatten(
-      jax.tree.structure(params),
-      [1e-3 * jax.random.normal(k, p.shape, p.dtype)
-       for k, p in zip(keys, jax.tree.leaves(params))])
+  grads = common.random_grads(params)
   mats_p, mats_g = lowrank_matrices(params, grads)
   ps = generate_projections(mats_g, rank)(jnp.int32(0))
   factors = [jnp.ones((g.shape[0], g.shape[1] if g.shape[1] >= g.shape[2]

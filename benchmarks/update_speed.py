@@ -200,11 +200,7 @@ def measure(config: LlamaConfig, variants: list[str], rounds: int, calls: int, w
             refresh_calls: int, torch_python: str | None) -> dict[str, Any]:
   """Interleaved timings, ratios to AdamW and bandwidth floors for one tree."""
   params = common.init_params(config)
-  keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(params)))
-  grads = jax.tree.unflatten(
-      jax.tree.structure(params),
-      [1e-3 * jax.random.normal(k, p.shape, p.dtype)
-       for k, p in zip(keys, jax.tree.leaves(params))])
+  grads = common.random_grads(params)
   rank = optimizers.default_rank(config.hidden_size)
   runners = {"copy_256MiB": _copy_runner(calls)}
   # The projections' matmul rate in the same rounds (R = G Pᵀ of every
