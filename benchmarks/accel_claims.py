@@ -191,8 +191,14 @@ def _config(name: str, remat: bool, smoke: bool) -> LlamaConfig:
 
 def largest_batch(config: LlamaConfig, method: str, target: targets.Target,
                   layout: str, n_devices: int = 8, limit: int = 512,
-                  log: Any = print) -> dict[str, Any]:
-  """Claim (a) for one method: the largest micro-batch that fits."""
+                  log: Any = print, bounds: tuple[int, int] | None = None,
+                  guess: int | None = None) -> dict[str, Any]:
+  """Claim (a) for one method: the largest micro-batch that fits.
+
+  ``bounds=(lo, hi)``: an earlier run compiled ``lo`` (fits) and ``hi``
+  (does not); the search compiles only between them, from ``guess`` if
+  given (else by bisection), instead of starting with batches 1 and 2.
+  """
   compiles: dict[int, dict[str, Any]] = {}
 
   def fits(micro: int) -> bool:
@@ -203,28 +209,34 @@ def largest_batch(config: LlamaConfig, method: str, target: targets.Target,
         f"fits={compiles[micro]['fits']} ({compiles[micro]['compile_s']} s)")
     return compiles[micro]["fits"]
 
-  guess = None
-  if fits(1) and fits(2):
+  if bounds is None and fits(1) and fits(2):
     one, two = compiles[1]["total_bytes"], compiles[2]["total_bytes"]
     capacity = target.memory_bytes or common.GPU_MEMORY_BYTES
-    if two > one:
+    if two > one and guess is None:
       guess = int((capacity - one) // (two - one)) + 1
   found, tried = targets.largest_fitting(
       lambda m: compiles[m]["fits"] if m in compiles else fits(m),
-      start=1, limit=limit, guess=guess)
-  return {"largest_micro_batch": found, "guess": guess,
-          "tried": {str(k): v for k, v in sorted(tried.items())},
-          "compiles": {str(k): v for k, v in sorted(compiles.items())}}
+      start=1, limit=limit, guess=guess, bounds=bounds)
+  out = {"largest_micro_batch": found, "guess": guess,
+         "tried": {str(k): v for k, v in sorted(tried.items())},
+         "compiles": {str(k): v for k, v in sorted(compiles.items())}}
+  if bounds is not None:
+    out["bounds"] = list(bounds)
+  return out
 
 
 def run_claims(target: targets.Target, claims: list[str], layouts: list[str],
                smoke: bool, methods: list[str] | None = None,
                log: Any = print, out: dict[str, Any] | None = None,
-               done: Any = lambda: None) -> dict[str, Any]:
+               done: Any = lambda: None,
+               batch_bounds: tuple[int, int] | None = None,
+               batch_guess: int | None = None) -> dict[str, Any]:
   """All requested claims on ``target``: {claim: {layout: {method: ...}}}.
 
   Entries go into ``out`` (a new dict by default) as they finish, and
   ``done()`` is called after each (to save partial results).
+  ``batch_bounds`` / ``batch_guess``: see :func:`largest_batch` (for every
+  method of claim a).
   """
   out = {} if out is None else out
   n = 2 if smoke else 8
@@ -236,8 +248,9 @@ def run_claims(target: targets.Target, claims: list[str], layouts: list[str],
         config = _config("7b", remat=False, smoke=smoke)
         for method in methods or BATCH_METHODS:
           try:
-            entry[method] = largest_batch(config, method, target, layout, n,
-                                          limit=8 if smoke else 512, log=log)
+            entry[method] = largest_batch(
+                config, method, target, layout, n, limit=8 if smoke else 512,
+                log=log, bounds=batch_bounds, guess=batch_guess)
           except Exception as e:  # pylint: disable=broad-except
             if smoke:
               raise
@@ -311,7 +324,13 @@ def report(results: dict[str, Any]) -> str:
       rows.append(row)
     return rows
 
-  first = results["targets"][names[0]]["claims"]
+  # Every claim, layout and method any target has, in order of appearance.
+  first: dict[str, dict[str, dict[str, None]]] = {}
+  for t in names:
+    for claim, by_layout in results["targets"][t]["claims"].items():
+      for layout, by_method in by_layout.items():
+        first.setdefault(claim, {}).setdefault(layout, {}).update(
+            dict.fromkeys(by_method))
   if "q7b" in first:
     for layout in first["q7b"]:
       where = ("one device" if layout == "ddp"
@@ -385,9 +404,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--report-from", nargs="+", default=None,
                       help="only merge these result JSONs (e.g. one per "
                       "target, run in parallel) into <out-name>")
+  parser.add_argument("--batch-bounds", nargs=2, type=int, default=None,
+                      metavar=("LO", "HI"),
+                      help="claim a: micro-batch LO fits and HI does not "
+                      "(compiled by an earlier run); search only between")
+  parser.add_argument("--batch-guess", type=int, default=None, metavar="N",
+                      help="claim a: first micro-batch to compile (default: "
+                      "a line through batches 1 and 2, or bisection of "
+                      "--batch-bounds)")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny model, CPU, 2 devices (for tests)")
   args = parser.parse_args(argv)
+  if args.batch_bounds and not 1 <= args.batch_bounds[0] < args.batch_bounds[1]:
+    parser.error(f"--batch-bounds: need 1 <= LO < HI, got {args.batch_bounds}")
   if args.smoke:
     args.targets = ["cpu"]
   json_path = pathlib.Path(args.out_dir) / f"{args.out_name}.json"
@@ -431,7 +460,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_claims(target, args.claims, args.layouts, args.smoke, args.methods,
                log=lambda s: print(s, flush=True), out=entry["claims"],
                done=lambda: common.write_results(
-                   args.out_name, results, report(results), args.out_dir))
+                   args.out_name, results, report(results), args.out_dir),
+               batch_bounds=(tuple(args.batch_bounds) if args.batch_bounds
+                             else None),
+               batch_guess=args.batch_guess)
   common.write_results(args.out_name, results, report(results), args.out_dir)
   return results
 

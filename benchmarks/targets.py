@@ -252,6 +252,7 @@ def compile_memory(lower: Callable[[], Any]) -> dict[str, Any]:
 
 def largest_fitting(fits: Callable[[int], bool], start: int = 1,
                     limit: int = 4096, guess: int | None = None,
+                    bounds: tuple[int, int] | None = None,
                     ) -> tuple[int, dict[int, bool]]:
   """The largest ``n`` in ``[start, limit]`` with ``fits(n)``, by search.
 
@@ -262,26 +263,44 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 1,
   value. ``fits`` must be monotone (true up to some ``n``, false after); each
   value is evaluated at most once, so a good guess costs two evaluations.
 
+  ``bounds=(lo, hi)``: results already known (e.g. from an earlier run's
+  compiles): ``lo`` fits and ``hi`` does not. Neither is evaluated again;
+  the search stays strictly between them (replacing ``start`` and
+  ``limit``): from ``guess`` as above, or by bisection without one.
+
   Returns:
     ``(n, tried)``: ``n`` is 0 when even ``start`` does not fit; ``tried``
-    maps every evaluated value to its result.
+    maps every evaluated value to its result (not the ``bounds``).
 
   Raises:
-    ValueError: ``start`` < 1 or ``limit`` < ``start``.
+    ValueError: ``start`` < 1 or ``limit`` < ``start``; ``bounds`` not
+      ``1 <= lo < hi``.
   """
+  known: dict[int, bool] = {}
+  if bounds is not None:
+    lo, hi = bounds
+    if not 1 <= lo < hi:
+      raise ValueError(
+          f"bounds: need 1 <= lo < hi (lo fits, hi does not), got {bounds}.")
+    known = {lo: True, hi: False}
+    start, limit = lo, hi
   if start < 1 or limit < start:
     raise ValueError(
         f"start, limit: need 1 <= start <= limit, got {start}, {limit}.")
   tried: dict[int, bool] = {}
 
   def check(n: int) -> bool:
+    if n in known:
+      return known[n]
     if n not in tried:
       tried[n] = bool(fits(n))
     return tried[n]
 
   good: int | None = None
   bad: int | None = None
-  if guess is not None:
+  if bounds is not None and guess is None:
+    good, bad = bounds
+  elif guess is not None:
     guess = min(max(guess, start), limit)
     step = 1
     if check(guess):

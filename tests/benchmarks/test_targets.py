@@ -59,6 +59,37 @@ def test_largest_fitting_from_a_guess(threshold, guess):
     assert sorted(calls) == [guess, guess + 1]
 
 
+@pytest.mark.parametrize("threshold", [2, 3, 10, 22, 23, 31, 32])
+@pytest.mark.parametrize("guess", [None, 2, 23, 33, 60])
+def test_largest_fitting_within_known_bounds(threshold, guess):
+  """bounds=(2, 33): 2 fits and 33 does not, known; neither evaluated."""
+  calls = []
+
+  def fits(n):
+    calls.append(n)
+    return n <= threshold
+
+  found, tried = targets.largest_fitting(fits, limit=256, guess=guess,
+                                         bounds=(2, 33))
+  assert found == threshold
+  assert tried == {n: n <= threshold for n in calls}
+  assert len(calls) == len(set(calls))
+  assert all(2 < n < 33 for n in calls)
+  # Pinned: found fits and found + 1 does not, evaluated or known.
+  assert found == 2 or tried[found] is True
+  assert found + 1 == 33 or tried[found + 1] is False
+  if guess is None:  # Bisection of (2, 33): at most ceil(log2(31)) = 5.
+    assert len(calls) <= 5
+  elif guess == threshold:  # An exact guess: itself and one more.
+    assert sorted(calls) == [n for n in (guess, guess + 1) if 2 < n < 33]
+
+
+@pytest.mark.parametrize("bounds", [(0, 5), (5, 5), (6, 5)])
+def test_largest_fitting_rejects_bad_bounds(bounds):
+  with pytest.raises(ValueError, match="bounds"):
+    targets.largest_fitting(lambda n: True, bounds=bounds)
+
+
 def test_largest_fitting_stops_at_limit():
   found, tried = targets.largest_fitting(lambda n: True, start=3, limit=20)
   assert found == 20
@@ -237,6 +268,37 @@ def test_accel_claims_batch_search(monkeypatch, fixed, per_sample, capacity,
     assert sorted(seen) == [1, 2, expected, expected + 1]
     assert found["compiles"][str(expected)]["fits"]
     assert not found["compiles"][str(expected + 1)]["fits"]
+
+
+@pytest.mark.parametrize("guess", [None, 7, 12, 20])
+def test_accel_claims_batch_search_from_bounds(monkeypatch, guess):
+  """--batch-bounds 2 30 on the toy model 56 + 2.4 · micro <= 85.9 (12)."""
+  seen = []
+
+  def fake_compile(config, method, target, n, layout, micro):
+    seen.append(micro)
+    total = 56 + 2.4 * micro
+    return {"oom": False, "total_bytes": total, "compile_s": 0,
+            "fits": total <= target.memory_bytes}
+
+  monkeypatch.setattr(accel_claims, "compile_step", fake_compile)
+  target = dataclasses.replace(targets.get("cpu"), memory_bytes=85.9)
+  found = accel_claims.largest_batch(None, "galore", target, "ddp", 8,
+                                     limit=64, log=lambda s: None,
+                                     bounds=(2, 30), guess=guess)
+  assert found["largest_micro_batch"] == 12
+  assert found["bounds"] == [2, 30]
+  assert 1 not in seen and 2 not in seen and 30 not in seen
+  assert len(seen) == len(set(seen))
+  assert found["compiles"]["12"]["fits"]
+  assert not found["compiles"]["13"]["fits"]
+  if guess == 12:
+    assert sorted(seen) == [12, 13]
+
+
+def test_accel_claims_rejects_bad_batch_bounds():
+  with pytest.raises(SystemExit):
+    accel_claims.main(["--smoke", "--batch-bounds", "5", "3"])
 
 
 def test_accel_claims_rejects_bad_layout():
