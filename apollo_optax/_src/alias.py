@@ -167,7 +167,8 @@ def apollo(
     mu_dtype: dtype of all moments; None: the parameter dtype, at least
       float32.
     projection_dtype: input dtype of the projection's product (e.g.
-      ``jnp.bfloat16``, accumulated in float32); None: the compute dtype.
+      ``jnp.bfloat16``, accumulated in float32; at rank 1 only P is rounded);
+      None: the compute dtype.
 
   Returns:
     A ``GradientTransformation``.

@@ -211,10 +211,20 @@ def project(
 
   With ``projection_dtype`` (e.g. bfloat16) G and P enter the product in that
   dtype and it accumulates in ``compute_dtype`` (``preferred_element_type``);
-  without it both are ``compute_dtype``, as the paper's algorithm.
+  without it both are ``compute_dtype``, as the paper's algorithm. At rank 1
+  (APOLLO-Mini) only P is rounded to ``projection_dtype``: G stays in
+  ``compute_dtype``, because a matrix-vector product is bound by the read of
+  G and a rounded copy of G would only add a pass.
   """
   if projection_dtype is None:
     g, p = g.astype(compute_dtype), p.astype(compute_dtype)
+    kwargs = {}
+  elif p.shape[-2] == 1:
+    # Rank 1 is a matrix-vector product, bound by reading G: rounding G
+    # would cost a full-size pass of its own (XLA:CPU writes the rounded
+    # copy before the dot) and save nothing, so only P is rounded.
+    g = g.astype(compute_dtype)
+    p = p.astype(projection_dtype).astype(compute_dtype)
     kwargs = {}
   else:
     g, p = g.astype(projection_dtype), p.astype(projection_dtype)

@@ -403,7 +403,8 @@ def scale_by_apollo(
      :math:`\lfloor (t-1)/\text{gap} \rfloor`); P is regenerated, not stored.
   2. :math:`R = G P^\top` (m × r) if m ≥ n, else :math:`R = P G` (r × n);
      with ``projection_dtype`` G and P enter this product in that dtype
-     (e.g. bfloat16) and it accumulates in float32.
+     (e.g. bfloat16) and it accumulates in float32 (at rank 1 only P is
+     rounded: the matrix-vector product is bound by reading G).
   3. :math:`M \leftarrow b_1 M + (1-b_1) R`,
      :math:`V \leftarrow b_2 V + (1-b_2) R^2` (kept across refreshes).
   4. :math:`\tilde N = M / (\sqrt V + \epsilon)`; ``"channel"``:

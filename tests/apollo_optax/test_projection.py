@@ -164,3 +164,34 @@ def test_rademacher_stack_matches_layer_by_layer():
     np.testing.assert_array_equal(
         stacked[layer], _numpy_signs(one, (16, 96)) / 4.0)  # exact: 1/4
   assert not np.array_equal(stacked[0], stacked[1])
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+@pytest.mark.parametrize("tall", [True, False])
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_reduced_precision_product_is_the_rounded_product_in_float64(
+    rank, tall, scale):
+  # With projection_dtype=bfloat16 the product is of bf16-rounded G and P,
+  # summed in float32; at rank 1 only P is rounded (a matrix-vector product
+  # gains nothing from a rounded copy of G). It must equal the float64
+  # product of those inputs up to float32 summation error, and differ from
+  # the product of the unrounded inputs.
+  m, n = (96, 40) if tall else (40, 96)
+  d = min(m, n)
+  g = jax.random.normal(jax.random.key(0), (3, m, n), jnp.float32)
+  p = jax.random.normal(jax.random.key(1), (3, rank, d), jnp.float32)
+  got = jax.jit(lambda g, p: proj.project(
+      g, p, tall=tall, compute_dtype=jnp.float32,
+      projection_dtype=jnp.bfloat16, scale=scale))(g, p)
+  g64 = np.asarray(g if rank == 1 else g.astype(jnp.bfloat16), np.float64)
+  p64 = np.asarray(p.astype(jnp.bfloat16), np.float64)
+  want = (np.einsum("bmn,brn->bmr", g64, p64) if tall
+          else np.einsum("brm,bmn->brn", p64, g64)) * (scale or 1.0)
+  assert got.dtype == jnp.float32
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  unrounded = (np.einsum("bmn,brn->bmr", np.asarray(g, np.float64),
+                         np.asarray(p, np.float64)) if tall
+               else np.einsum("brm,bmn->brn", np.asarray(p, np.float64),
+                              np.asarray(g, np.float64))) * (scale or 1.0)
+  assert np.max(np.abs(unrounded - want)) > 1e-3
