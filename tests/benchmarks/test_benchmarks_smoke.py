@@ -19,6 +19,9 @@ SCRIPTS = ("memory", "step_memory", "update_speed", "throughput", "quality",
            "projection_profile")
 # The quality smoke trains on this repository's own sources.
 QUALITY_DATA = ["--data", "apollo_optax", "apollo_lm"]
+# One worker runs the whole module, so the module fixture's six subprocesses
+# start once in `make test` (--dist loadgroup), not once per worker.
+pytestmark = pytest.mark.xdist_group("benchmarks_smoke")
 
 
 @pytest.fixture(scope="module")
