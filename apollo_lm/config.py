@@ -36,9 +36,13 @@ DTYPES = ("auto", "float32", "bfloat16")
 QUANTIZE = ("none", "int8")
 
 
-def _option(default: Any, help: str, *, group: str, flag: str | None = None,
-            **cli: Any) -> Any:
-  """A field with its command-line metadata (see :mod:`apollo_lm.cli`)."""
+def option(default: Any, help: str, *, group: str, flag: str | None = None,
+           **cli: Any) -> Any:
+  """A config field with its command-line metadata (see :mod:`apollo_lm.cli`).
+
+  Subclasses of :class:`TrainConfig` (e.g. ``apollo_lm.finetune``'s) declare
+  their own options, or change a default, with it.
+  """
   metadata = dict(help=help, group=group, flag=flag, **cli)
   if isinstance(default, (list, dict)):
     raise TypeError("use a tuple or None for sequence defaults")
@@ -56,62 +60,62 @@ class TrainConfig:
   """
 
   # model
-  model: str = _option(
+  model: str = option(
       "tiny", f"model size: {', '.join(configs.CONFIG_NAMES)}",
       group="model", flag="--config", metavar="NAME")
-  model_override: tuple[str, ...] = _option(
+  model_override: tuple[str, ...] = option(
       (), "override a LlamaConfig field, e.g. hidden_size=64 (repeatable)",
       group="model", action="append", metavar="FIELD=VALUE")
-  config_overrides: Mapping[str, Any] | None = _option(
+  config_overrides: Mapping[str, Any] | None = option(
       None, "LlamaConfig fields to override (Python only)", group="model",
       cli=False)
-  dtype: str = _option(
+  dtype: str = option(
       "auto", "compute dtype; auto: float32 on CPU (bfloat16 matmuls are "
       "emulated and slow there), bfloat16 on accelerators", group="model",
       choices=DTYPES)
-  remat: bool = _option(False, "rematerialise each block in the backward pass",
+  remat: bool = option(False, "rematerialise each block in the backward pass",
                         group="model")
 
   # optimizer
-  optimizer: str = _option(
+  optimizer: str = option(
       "apollo", f"one of {', '.join(optimizers.OPTIMIZER_NAMES)}",
       group="optimizer")
-  lr: float | None = _option(
+  lr: float | None = option(
       None, "peak learning rate (default: per optimizer)", group="optimizer")
-  warmup_steps: int | None = _option(
+  warmup_steps: int | None = option(
       None, "linear warm-up steps (default: 10%% of --steps)",
       group="optimizer")
-  rank: int | None = _option(
+  rank: int | None = option(
       None, "apollo/galore rank (default: min(hidden_size // 4, 256), "
       "apollo_lm.optimizers.default_rank)", group="optimizer")
-  scale: float | None = _option(
+  scale: float | None = option(
       None, "apollo/apollo_mini/galore scale (default: per optimizer)",
       group="optimizer")
-  scale_type: str | None = _option(
+  scale_type: str | None = option(
       None, "apollo scaling granularity (ablation; default: channel for "
       "apollo, tensor for apollo_mini)", group="optimizer",
       choices=optimizers.SCALE_TYPES)
-  projection: str | None = _option(
+  projection: str | None = option(
       None, "apollo/apollo_mini projection (ablation; default: gaussian)",
       group="optimizer", choices=optimizers.PROJECTIONS)
-  projection_dtype: str | None = _option(
+  projection_dtype: str | None = option(
       None, "apollo/apollo_mini projection product input dtype: bfloat16 "
       "(fast path, float32 accumulation; with --projection rademacher P is "
       "exact) or float32 (default: the gradient's dtype)", group="optimizer",
       choices=("float32", "bfloat16"))
-  limiter: bool = _option(
+  limiter: bool = option(
       True, "turn apollo's norm-growth limiter off (ablation)",
       group="optimizer", flag="--no-limiter")
-  non_lowrank_lr: float | None = _option(
+  non_lowrank_lr: float | None = option(
       None, "peak lr of the embedding, head and norms (default: --lr); the "
       "official APOLLO code gives them APOLLO's lr", group="optimizer")
-  weight_decay: float = _option(0.0, "decoupled weight decay (>= 0)",
+  weight_decay: float = option(0.0, "decoupled weight decay (>= 0)",
                                 group="optimizer")
-  grad_clip: float | None = _option(
+  grad_clip: float | None = option(
       None, "clip the global gradient norm to this (> 0)", group="optimizer")
 
   # memory
-  layerwise: bool = _option(
+  layerwise: bool = option(
       False, "update each layer during the backward pass, as soon as its "
       "gradient exists: only one layer's gradient is held instead of the "
       "whole model's (LLaMA-7B: saves about 13.5 GB of bfloat16 gradients). "
@@ -119,89 +123,89 @@ class TrainConfig:
       "per layer); works on any --mesh and with checkpoints. Not with "
       "--grad-clip (needs the whole gradient's norm) or --grad-accum > 1; "
       "grad_norm is not logged", group="memory")
-  quantize_weights: str = _option(
+  quantize_weights: str = option(
       "none", "int8: Q-APOLLO, attention and MLP kernels stored in int8 with "
       "one scale per --quant-group-size input rows, re-quantized with "
       "stochastic rounding after each update (LLaMA-7B: 6.7 GB of int8 "
       "kernels and scales, all parameters 7.2 GB instead of 13.5 GB in "
       "bfloat16); needs --layerwise", group="memory", choices=QUANTIZE)
-  quant_group_size: int = _option(
+  quant_group_size: int = option(
       128, "input rows per int8 scale; must divide the input dimension of "
       "every kernel (hidden_size, intermediate_size)", group="memory")
 
   # run
-  steps: int = _option(300, "optimizer updates", group="run")
-  batch_size: int = _option(16, "global batch size (sequences per update)",
+  steps: int = option(300, "optimizer updates", group="run")
+  batch_size: int = option(16, "global batch size (sequences per update)",
                             group="run")
-  seq_len: int = _option(256, "tokens per sequence", group="run")
-  grad_accum: int = _option(1, "micro-batches per update (scan in the step)",
+  seq_len: int = option(256, "tokens per sequence", group="run")
+  grad_accum: int = option(1, "micro-batches per update (scan in the step)",
                             group="run")
-  seed: int = _option(0, "seeds the model init, data order and projections",
+  seed: int = option(0, "seeds the model init, data order and projections",
                       group="run")
-  compilation_cache: str | None = _option(
+  compilation_cache: str | None = option(
       None, "persistent XLA compilation cache: later runs with the same "
       "shapes and settings skip compilation", group="run", metavar="DIR")
-  mesh: str | None = _option(
+  mesh: str | None = option(
       None, "device mesh over the devices used (default: all of them on "
       "data)", group="run", metavar="DATA,FSDP,TENSOR")
-  num_devices: int | None = _option(
+  num_devices: int | None = option(
       None, "use only the first N devices (default: all, which "
       "multi-process runs need)", group="run")
 
   # data
-  data: tuple[str, ...] | None = _option(
+  data: tuple[str, ...] | None = option(
       None, "text files/directories (default: the Python standard library's "
       "sources); one file or a few are split into train and held-out "
       "documents", group="data", nargs="+", metavar="PATH")
-  eval_data: tuple[str, ...] | None = _option(
+  eval_data: tuple[str, ...] | None = option(
       None, "held-out text files/directories (default: held out from "
       "--data)", group="data", nargs="+", metavar="PATH")
-  vocab_size: int = _option(
+  vocab_size: int = option(
       8192, "BPE vocabulary trained on --data (not used by --c4)",
       group="data")
-  c4: bool = _option(False, "train on C4 (allenai/c4 streamed, or "
+  c4: bool = option(False, "train on C4 (allenai/c4 streamed, or "
                      "--c4-files)", group="data")
-  c4_files: tuple[str, ...] | None = _option(
+  c4_files: tuple[str, ...] | None = option(
       None, "local C4-format *.json.gz train files", group="data",
       nargs="+", metavar="JSON_GZ")
-  c4_eval_files: tuple[str, ...] | None = _option(
+  c4_eval_files: tuple[str, ...] | None = option(
       None, "local C4-format held-out files (default: the validation split "
       "when streaming; no evaluation with --c4-files alone)", group="data",
       nargs="+", metavar="JSON_GZ")
-  hf_tokenizer: str = _option(
+  hf_tokenizer: str = option(
       "t5-base", "tokenizer for --c4: a tokenizer.json path or a Hugging "
       "Face Hub name", group="data")
 
   # evaluation, logging, checkpoints
-  eval_every: int = _option(
+  eval_every: int = option(
       100, "evaluate every this many steps (0: only at the end)",
       group="output")
-  eval_batches: int = _option(
+  eval_batches: int = option(
       8, "held-out batches per evaluation (0: no evaluation)", group="output")
-  out: str | None = _option(
+  out: str | None = option(
       None, "write metrics.jsonl (and TensorBoard events if tensorboardX is "
       "installed) here", group="output", metavar="DIR")
-  checkpoint_dir: str | None = _option(None, "checkpoint directory",
+  checkpoint_dir: str | None = option(None, "checkpoint directory",
                                        group="output", metavar="DIR")
-  checkpoint_every: int = _option(
+  checkpoint_every: int = option(
       0, "save every this many steps (0: only at the end and on "
       "SIGTERM/Ctrl-C)", group="output")
-  stop_at_step: int | None = _option(
+  stop_at_step: int | None = option(
       None, "stop (with a checkpoint) after this many updates, as if "
       "preempted; the schedule still spans --steps", group="output")
-  resume: bool = _option(
+  resume: bool = option(
       False, "continue from the latest checkpoint in --checkpoint-dir; "
       "refused if a structural option (model, optimizer, rank, ...) differs "
       "from the checkpoint's", group="output")
-  no_progress: bool = _option(False, "no progress bar", group="output")
+  no_progress: bool = option(False, "no progress bar", group="output")
 
   # multi-process
-  coordinator: str | None = _option(
+  coordinator: str | None = option(
       None, "coordinator address (or $JAX_COORDINATOR_ADDRESS)",
       group="distributed", metavar="HOST:PORT")
-  num_processes: int | None = _option(None, "number of processes",
+  num_processes: int | None = option(None, "number of processes",
                                       group="distributed")
-  process_id: int | None = _option(None, "this process's index",
+  process_id: int | None = option(None, "this process's index",
                                    group="distributed")
 
   def __post_init__(self):
@@ -239,6 +243,14 @@ class TrainConfig:
   def warmup(self) -> int:
     """Warm-up steps: ``warmup_steps``, or 10% of ``steps``."""
     return self.steps // 10 if self.warmup_steps is None else self.warmup_steps
+
+  @property
+  def compute_dtype_name(self) -> str:
+    """``dtype`` with ``"auto"`` resolved: float32 on CPU, else bfloat16."""
+    if self.dtype != "auto":
+      return self.dtype
+    import jax  # pylint: disable=g-import-not-at-top
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
   @property
   def last_step(self) -> int:

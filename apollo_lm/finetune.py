@@ -52,7 +52,7 @@ from apollo_lm import layerwise
 from apollo_lm import optimizers
 from apollo_lm import sft
 from apollo_lm import train as train_lib
-from apollo_lm.config import _option
+from apollo_lm.config import option
 from apollo_lm.config import TrainConfig
 from apollo_lm.errors import ConfigError
 
@@ -100,59 +100,59 @@ class FinetuneConfig(TrainConfig):
   """
 
   # Pre-training options that a checkpoint fixes: off the command line.
-  model: str = _option("tiny", "unused: the checkpoint fixes the model",
+  model: str = option("tiny", "unused: the checkpoint fixes the model",
                        group="model", cli=False)
-  vocab_size: int = _option(8192, "unused: the checkpoint's tokenizer",
+  vocab_size: int = option(8192, "unused: the checkpoint's tokenizer",
                             group="data", cli=False)
-  c4: bool = _option(False, "unused", group="data", cli=False)
-  c4_files: tuple[str, ...] | None = _option(None, "unused", group="data",
+  c4: bool = option(False, "unused", group="data", cli=False)
+  c4_files: tuple[str, ...] | None = option(None, "unused", group="data",
                                              cli=False)
-  c4_eval_files: tuple[str, ...] | None = _option(None, "unused",
+  c4_eval_files: tuple[str, ...] | None = option(None, "unused",
                                                   group="data", cli=False)
-  hf_tokenizer: str = _option("t5-base", "unused", group="data", cli=False)
-  data: tuple[str, ...] | None = _option(
+  hf_tokenizer: str = option("t5-base", "unused", group="data", cli=False)
+  data: tuple[str, ...] | None = option(
       None, "fine-tuning data: JSON lines ({prompt, completion} or {messages}) "
       "or plain text files for continued pre-training (apollo_lm.sft)",
       group="data", nargs="+", metavar="PATH")
-  eval_data: tuple[str, ...] | None = _option(
+  eval_data: tuple[str, ...] | None = option(
       None, "held-out data of the same kind (default: --eval-fraction of "
       "--data)", group="data", nargs="+", metavar="PATH")
-  seq_len: int = _option(1024, "positions per packed row", group="run")
-  batch_size: int = _option(8, "global batch size (packed rows per update)",
+  seq_len: int = option(1024, "positions per packed row", group="run")
+  batch_size: int = option(8, "global batch size (packed rows per update)",
                             group="run")
-  steps: int = _option(1000, "optimizer updates", group="run")
-  optimizer: str = _option(
+  steps: int = option(1000, "optimizer updates", group="run")
+  optimizer: str = option(
       "apollo_mini", f"one of {', '.join(optimizers.OPTIMIZER_NAMES)}",
       group="optimizer")
-  warmup_steps: int | None = _option(
+  warmup_steps: int | None = option(
       None, f"linear warm-up steps (default: min({WARMUP_STEPS}, 10%% of "
       "--steps)); then linear decay to 0", group="optimizer")
 
   # Fine-tuning options.
-  checkpoint: str | None = _option(
+  checkpoint: str | None = option(
       None, "Hugging Face model folder (config.json, *.safetensors, "
       "tokenizer.json)", group="finetune", metavar="DIR")
-  eval_fraction: float = _option(
+  eval_fraction: float = option(
       0.05, "share of --data held out when there is no --eval-data",
       group="finetune")
-  strict_data: bool = _option(
+  strict_data: bool = option(
       False, "bad records are an error (default: skipped and reported with "
       "their line numbers)", group="finetune")
-  save_hf: str | None = _option(
+  save_hf: str | None = option(
       None, "write the fine-tuned model here as a Hugging Face folder (with "
       "the checkpoint's tokenizer files)", group="finetune", metavar="DIR")
-  param_dtype: str = _option(
+  param_dtype: str = option(
       "float32", "storage dtype of the weights (bfloat16: pure bf16 "
       "training, as LLaMA-Factory's pure_bf16)", group="finetune",
       choices=tuple(PARAM_DTYPES))
-  mu_dtype: str | None = _option(
+  mu_dtype: str | None = option(
       None, "dtype of the optimizer's first moments (default: the weights'; "
       "bfloat16 halves APOLLO's low-rank moments)", group="finetune",
       choices=tuple(PARAM_DTYPES))
-  freeze_embedding: bool = _option(
+  freeze_embedding: bool = option(
       False, "do not train the token embedding (no gradient, no state)",
       group="finetune")
-  freeze_head: bool = _option(
+  freeze_head: bool = option(
       False, "do not train the output head (tied checkpoints: use "
       "--freeze-embedding, which is the same matrix)", group="finetune")
 
@@ -198,7 +198,7 @@ def checkpoint_config(config: FinetuneConfig) -> configs.LlamaConfig:
     llama = hf.config_from_hf(
         hf_config, max_seq_len=config.seq_len,
         param_dtype=PARAM_DTYPES[config.param_dtype],
-        dtype=train_lib._DTYPES[train_lib._dtype_name(config)],  # pylint: disable=protected-access
+        dtype=train_lib.DTYPES[config.compute_dtype_name],
         remat=config.remat, **config.model_overrides())
   except ValueError as e:
     raise ConfigError("--checkpoint", str(e)) from e

@@ -80,7 +80,7 @@ from apollo_lm.config import TrainConfig
 from apollo_lm.errors import ConfigError
 from apollo_lm.metrics import TrainResult
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 build_parser = cli.build_parser  # The command line, for --help and tests.
 
@@ -171,15 +171,9 @@ def _llama_config(config: TrainConfig, vocab_size: int) -> configs.LlamaConfig:
   overrides = config.model_overrides()
   overrides.setdefault("vocab_size", vocab_size)
   overrides.setdefault("max_seq_len", config.seq_len)
-  overrides.setdefault("dtype", _DTYPES[_dtype_name(config)])
+  overrides.setdefault("dtype", DTYPES[config.compute_dtype_name])
   overrides.setdefault("remat", config.remat)
   return configs.get_config(config.model, **overrides)
-
-
-def _dtype_name(config: TrainConfig) -> str:
-  if config.dtype != "auto":
-    return config.dtype
-  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def _optimizer(config: TrainConfig, llama: configs.LlamaConfig):
@@ -195,7 +189,7 @@ def _optimizer(config: TrainConfig, llama: configs.LlamaConfig):
         weight_decay=config.weight_decay, grad_clip=config.grad_clip,
         seed=config.seed, non_lowrank_lr=config.non_lowrank_lr,
         projection_dtype=(None if config.projection_dtype is None
-                          else _DTYPES[config.projection_dtype]),
+                          else DTYPES[config.projection_dtype]),
         **options)
   except ConfigError as e:
     raise e.renamed(TrainConfig.flag(e.option)) from e
@@ -341,7 +335,7 @@ def _setup(config: TrainConfig, data_fn, model_fn, llama_fn,
              param_count, apollo_optax.state_bytes(opt_state), log,
              metrics_lib.MetricsWriter(config.out, enabled=is_main), graphdef)
   log(f"{config.optimizer} on {llama.name} ({param_count:,} params, "
-      f"{_dtype_name(config)}), optimizer state {run.state_bytes:,} B, "
+      f"{config.compute_dtype_name}), optimizer state {run.state_bytes:,} B, "
       f"hparams {hparams}; {data.description}; mesh "
       f"{dict(geometry.mesh.shape)}, {jax.process_count()} process(es); "
       f"steps {start_step}->{config.steps}")
@@ -465,7 +459,7 @@ def _result(run: _Run, step: int, losses: list[float],
   return TrainResult(
       optimizer=c.optimizer,
       config=dataclasses.asdict(run.llama) | {
-          "dtype": _dtype_name(c),
+          "dtype": c.compute_dtype_name,
           "param_dtype": jnp.dtype(run.llama.param_dtype).name},
       hparams=run.hparams | {
           "warmup_steps": c.warmup, "total_steps": c.steps,
