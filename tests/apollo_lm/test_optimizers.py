@@ -97,7 +97,7 @@ def test_apollo_and_galore_project_the_same_leaves_per_layer(model_and_batch):
 
   apollo_state = optimizers.make_optimizer(
       "apollo", total_steps=10, warmup_steps=1, config=CONFIG).init(params)
-  moments = apollo_state[0].inner_states["apollo"].inner_state[0].mu
+  moments = optax.tree.get(apollo_state, "ScaleByApolloState").mu
   lowrank = {jax.tree_util.keystr(path): leaf.shape for path, leaf in
              jax.tree_util.tree_leaves_with_path(moments)}
   assert lowrank["['layers']['mlp']['up_proj']['kernel']"] == (
