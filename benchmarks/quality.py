@@ -181,6 +181,13 @@ def execute(run: Run, budget: dict[str, Any], cache_dir: str
   flags["eval_every"] = max(1, budget["steps"] // 5)
   cpu0, wall0 = _cpu_seconds(), time.perf_counter()
   result = train_lib.train(flags)
+  if result.step != budget["steps"]:
+    # train() stops early and still evaluates on SIGTERM (preemption): such
+    # a run must not enter the log as a finished one.
+    raise SystemExit(f"{run.config} {run.variant} seed {run.seed} stopped at "
+                     f"step {result.step} of {budget['steps']} "
+                     f"({result.interrupted or 'early'}); not logged (a rerun "
+                     "continues the sweep)")
   return {
       "key": run.key(budget), "group": run.group, "variant": run.variant,
       "config": run.config, "seed": run.seed, "flags": run.flags,
