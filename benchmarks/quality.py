@@ -217,6 +217,7 @@ def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     mean = statistics.fmean(losses)
     out.setdefault(config, {})[variant] = {
         "group": rs[0]["group"], "optimizer": rs[0]["optimizer"],
+        "flags": rs[0]["flags"],
         "hparams": rs[0]["hparams"], "seeds": [r["seed"] for r in rs],
         "eval_losses": losses, "eval_loss_mean": mean,
         "eval_loss_sd": statistics.stdev(losses) if len(losses) > 1 else None,
@@ -272,7 +273,8 @@ def _main_rows(variants: dict[str, Any]) -> list[list[Any]]:
           f"{hp['scale']:g}" if hp.get("scale") is not None else "—",
           f"{s['state_bytes'] / 1e6:.2f}", _loss_cell(s),
           f"{s['eval_ppl_of_mean']:.1f}",
-          f"{s.get('ppl_vs_best_adamw', float('nan')):.3f}",
+          (f"{s['ppl_vs_best_adamw']:.3f}" if "ppl_vs_best_adamw" in s
+           else "— (no AdamW run)"),
           _seeds_cell(s)])
   return rows
 
@@ -285,8 +287,12 @@ def _fast_rows(variants: dict[str, Any]) -> list[list[Any]]:
       continue
     base = variants.get(s["optimizer"])
     hp = s["hparams"]
-    row = [variant, hp.get("projection") or "gaussian",
-           hp.get("projection_dtype") or "float32", _loss_cell(s),
+    # The run's flags, not hparams: the latter lack projection_dtype.
+    product_dtype = s["flags"].get("projection_dtype") or "float32"
+    if product_dtype != "float32" and hp.get("rank") == 1:
+      product_dtype += " (P only)"  # rank 1 keeps G in float32
+    row = [variant, hp.get("projection") or "gaussian", product_dtype,
+           _loss_cell(s),
            _seeds_cell(s)]
     if base is None:
       rows.append(row + ["(no main run)", "—", "—"])
