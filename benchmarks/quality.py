@@ -381,10 +381,10 @@ def report(records: list[dict[str, Any]], unigram: dict[str, float]
   cpu_hours = sum(r["cpu_s"] for r in records) / 3600
   parts.insert(0, (
       f"{len(records)} runs, {cpu_hours:.2f} CPU-hours in all (user + sys "
-      f"of each train() call, compilation included). The runs come from "
-      f"`make bench-quality` (one process per config, each pinned to a "
-      f"core; finished runs in the log are skipped); this report from "
-      f"`--report-only` over its log."))
+      f"of each train() call, compilation included): every finished run "
+      f"with this budget in the log (a rerun skips those; `make "
+      f"bench-quality` runs one process per config, each pinned to a "
+      f"core)."))
   results = {"summary": summary, "unigram_entropy": unigram,
              "runs": [{k: v for k, v in r.items() if k != "losses"}
                       for r in records]}
@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--name", default=None,
                       help="report name (default: quality, quality_c4)")
   parser.add_argument("--report-only", action="store_true")
+  parser.add_argument("--note", default=None,
+                      help="a paragraph for the report: how its runs were made")
   fast = parser.add_mutually_exclusive_group()
   fast.add_argument("--no-fast", action="store_true",
                     help="leave out the fast-projection rows (issue 12)")
@@ -533,6 +535,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   results["corpus"] = description
   plot_name = f"{args.name}_curves.png"
   plot(records, results["summary"], out_dir / plot_name)
+  if args.note:
+    markdown += f"\n\n{args.note}"
   markdown += (f"\n\nLoss curves: [{plot_name}]({plot_name}). Every run "
                f"(with its train-loss curve) is in `{log_path.name}`.")
   common.write_results(args.name, results, markdown, out_dir)
