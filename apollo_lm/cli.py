@@ -1,7 +1,7 @@
 """The command line of ``python -m apollo_lm.train``, built from TrainConfig.
 
 Flag names, defaults, types, choices and help all come from the fields of
-:class:`apollo_lm.config.TrainConfig` and their metadata; nothing here
+:class:`apollo_lm.run_config.TrainConfig` and their metadata; nothing here
 repeats them. Errors (:class:`apollo_lm.errors.ConfigError`) become argparse
 errors (``usage: ...``, exit status 2) naming the flag.
 """
@@ -12,12 +12,12 @@ import argparse
 import dataclasses
 import json
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 
-from apollo_lm.config import TrainConfig
+from apollo_lm.run_config import TrainConfig
 from apollo_lm.errors import ConfigError
 
 _GROUPS = {
@@ -89,6 +89,17 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
   """
   namespace = build_parser().parse_args(argv)
   return TrainConfig(**vars(namespace))
+
+
+def as_config(options: TrainConfig | Mapping[str, Any] | Sequence[str] | None
+              ) -> TrainConfig:
+  """A :class:`TrainConfig` from itself, a dict of options, or argv strings."""
+  if isinstance(options, TrainConfig):
+    return options
+  if options is None or (isinstance(options, Sequence)
+                         and not isinstance(options, str)):
+    return parse_args(list(options or []))
+  return TrainConfig.from_options(options)
 
 
 def parse_or_exit(parser: argparse.ArgumentParser,

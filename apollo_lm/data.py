@@ -39,6 +39,7 @@ import numpy as np
 import tokenizers
 
 from apollo_lm import tokenizer as tokenizer_lib
+from apollo_lm.batch import Batch
 
 HELD_OUT_FRACTION = 0.025
 """Share of files held out for evaluation by the hash rule (``is_held_out``)."""
@@ -57,7 +58,6 @@ _EXCLUDED_STDLIB_DIRS = frozenset({"site-packages", "dist-packages", "__pycache_
 _CACHE_FORMAT = 1
 
 PathLike = str | os.PathLike[str]
-Batch = tuple[np.ndarray, np.ndarray]
 
 
 class SourceFile(NamedTuple):
@@ -578,8 +578,7 @@ def _windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def _to_batch(windows: np.ndarray) -> Batch:
-  windows = np.asarray(windows, np.int32)
-  return windows[:, :-1], windows[:, 1:]
+  return Batch.from_tokens(np.asarray(windows, np.int32))
 
 
 class TokenBatches:
@@ -756,26 +755,6 @@ def c4_documents(
     yield example["text"]
 
 
-def find_eos_id(tokenizer: tokenizers.Tokenizer | TextEncoder) -> int:
-  """The end-of-document id: ``eos_token_id``, or ``</s>`` / ``<|endoftext|>``.
-
-  Raises:
-    ValueError: the tokenizer has none of them.
-  """
-  eos_id = getattr(tokenizer, "eos_token_id", None)
-  if eos_id is None and isinstance(tokenizer, tokenizers.Tokenizer):
-    for token in ("</s>", tokenizer_lib.EOS_TOKEN):
-      eos_id = tokenizer.token_to_id(token)
-      if eos_id is not None:
-        break
-  if eos_id is None:
-    raise ValueError(
-        f"{type(tokenizer).__name__} has no eos_token_id, '</s>' or"
-        f" '{tokenizer_lib.EOS_TOKEN}' token: pass eos_id"
-    )
-  return eos_id
-
-
 def tokenize_documents(
     documents: Iterable[str],
     tokenizer: tokenizers.Tokenizer | TextEncoder,
@@ -846,10 +825,10 @@ def c4_token_stream(
       GaLore uses) or any object with ``encode(text) -> ids``.
     split: see ``c4_documents``.
     data_files: see ``c4_documents``.
-    eos_id: the separator id; ``None`` finds it with ``find_eos_id``.
+    eos_id: the separator id; ``None`` finds it with ``apollo_lm.tokenizer.find_eos_id``.
   """
   if eos_id is None:
-    eos_id = find_eos_id(tokenizer)
+    eos_id = tokenizer_lib.find_eos_id(tokenizer)
   return tokenize_documents(
       c4_documents(split, data_files=data_files), tokenizer, eos_id
   )

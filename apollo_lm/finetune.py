@@ -51,9 +51,10 @@ from apollo_lm import hf
 from apollo_lm import layerwise
 from apollo_lm import optimizers
 from apollo_lm import sft
+from apollo_lm import tokenizer as tokenizer_lib
 from apollo_lm import train as train_lib
-from apollo_lm.config import option
-from apollo_lm.config import TrainConfig
+from apollo_lm.run_config import option
+from apollo_lm.run_config import TrainConfig
 from apollo_lm.errors import ConfigError
 
 FINETUNE_DEFAULTS: Final[dict[str, dict[str, Any]]] = {
@@ -211,7 +212,7 @@ def checkpoint_config(config: FinetuneConfig) -> configs.LlamaConfig:
 def load_data(config: FinetuneConfig,
               geometry: geometry_lib.Geometry) -> train_lib.RunData:
   """The SFT data of ``config`` (``data_fn`` of the loop)."""
-  tok = sft.load_tokenizer(config.checkpoint)
+  tok = tokenizer_lib.load_checkpoint_tokenizer(config.checkpoint)
   try:
     data = sft.load_sft_data(
         list(config.data), tok, geometry.seq_len,

@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   """Command line: generate from a Hugging Face checkpoint folder."""
   # Imported here: the library functions above need neither.
   from apollo_lm import hf  # pylint: disable=g-import-not-at-top
-  from apollo_lm import sft  # pylint: disable=g-import-not-at-top
+  from apollo_lm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(
       prog="python -m apollo_lm.generate",
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 "--max-new-tokens").replace(
                                     "`temperature`", "--temperature").replace(
                                         "`top_p`", "--top-p"))
-  tok = sft.load_tokenizer(args.checkpoint)
+  tok = tokenizer_lib.load_checkpoint_tokenizer(args.checkpoint)
   eos_ids = hf.eos_token_ids(args.checkpoint) or (tok.eos_id,)
   model, _ = hf.load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
   key = jax.random.key(args.seed)

@@ -18,7 +18,7 @@ import numpy as np
 
 from apollo_lm import sharding as sharding_lib
 from apollo_lm import steps
-from apollo_lm.config import TrainConfig
+from apollo_lm.run_config import TrainConfig
 from apollo_lm.errors import ConfigError
 
 BATCH_AXES = ("data", "fsdp")

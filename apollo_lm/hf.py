@@ -21,7 +21,7 @@ stacked ``(L, ...)`` leaf, which then goes to its devices, so host memory
 stays at about one stacked leaf, never the whole model. :func:`save_pretrained`
 writes a folder that ``transformers`` loads (``save_pretrained`` layout,
 shards of at most 5 GB). Nothing is downloaded. The tokenizer is read by
-:func:`apollo_lm.sft.load_tokenizer` (``tokenizer.json``); generation stop ids
+:func:`apollo_lm.tokenizer.load_checkpoint_tokenizer` (``tokenizer.json``); generation stop ids
 by :func:`eos_token_ids`.
 
 Example::

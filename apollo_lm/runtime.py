@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from apollo_lm.config import TrainConfig
+from apollo_lm.run_config import TrainConfig
 
 
 def initialize(config: TrainConfig) -> None:

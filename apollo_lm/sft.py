@@ -30,7 +30,7 @@ Data formats (chosen by the file name):
     counts every assistant turn: the text the template adds between the
     generation prompt and the end of that turn (for Llama 3 the content and
     ``<|eot_id|>``). Without a template, the documented plain format
-    ``PLAIN_CHAT_FORMAT`` is used. TRL's conversational prompt-completion
+    ``apollo_lm.chat_template.PLAIN_CHAT_FORMAT`` is used. TRL's conversational prompt-completion
     (``prompt`` and ``completion`` both lists of messages) is rendered the
     same way, counting only the assistant turns of ``completion``.
 
@@ -62,210 +62,16 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-import tokenizers
-
+from apollo_lm import chat_template
 from apollo_lm import data as data_lib
+from apollo_lm.tokenizer import CheckpointTokenizer
 
 PathLike = str | pathlib.Path
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 """File suffixes read as JSON-lines records; any other file is plain text."""
 
-CHAT_ROLES = ("system", "user", "assistant")
-"""Roles accepted in ``messages`` (and by ``PLAIN_CHAT_FORMAT``)."""
-
-PLAIN_CHAT_FORMAT = {
-    "system": "System: {content}\n\n",
-    "user": "User: {content}\n\n",
-    "assistant": "Assistant: {content}",
-}
-"""The chat format for checkpoints without a chat template.
-
-A conversation is ``[bos]`` followed by each message in this format; an
-assistant message is followed by the EOS token. The loss counts an assistant
-message's content and its EOS (not the ``"Assistant: "`` header). For
-generation the prompt ends with ``"Assistant: "``.
-"""
-
 _MAX_LISTED = 20  # bad records listed in a summary or an error
-
-
-# ---------------------------------------------------------------------------
-# The checkpoint's tokenizer.
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointTokenizer:
-  """A checkpoint's ``tokenizer.json`` with its special tokens and template.
-
-  Attributes:
-    tokenizer: the ``tokenizers.Tokenizer`` (special tokens such as
-      ``<|eot_id|>`` in text are parsed as special tokens, as in
-      ``transformers``).
-    eos_id: the end-of-sequence id (``eos_token`` of
-      ``tokenizer_config.json``, else ``eos_token_id`` of
-      ``generation_config.json`` / ``config.json``).
-    bos_token: the beginning-of-sequence token text, or None (Qwen2 has none).
-    eos_token: the end-of-sequence token text.
-    chat_template: the Jinja chat template, or None.
-  """
-
-  tokenizer: tokenizers.Tokenizer
-  eos_id: int
-  bos_token: str | None = None
-  eos_token: str | None = None
-  chat_template: str | None = None
-
-  @property
-  def bos_id(self) -> int | None:
-    """The id of ``bos_token``, or None."""
-    if self.bos_token is None:
-      return None
-    return self.tokenizer.token_to_id(self.bos_token)
-
-  @property
-  def vocab_size(self) -> int:
-    """The number of ids, added tokens included."""
-    return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-  def encode(self, text: str) -> list[int]:
-    """Ids of ``text``, without the post-processor's special tokens."""
-    return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-    """The text of ``ids``."""
-    return self.tokenizer.decode(
-        [int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-  def render_chat(self, messages: Sequence[dict[str, Any]], *,
-                  add_generation_prompt: bool = False) -> str:
-    """The checkpoint's chat template applied to ``messages`` (needs jinja2).
-
-    Raises:
-      ValueError: the checkpoint has no chat template.
-    """
-    if self.chat_template is None:
-      raise ValueError("this checkpoint has no chat template (tokenizer_config"
-                       ".json has no chat_template); use PLAIN_CHAT_FORMAT")
-    return _compiled_template(self.chat_template).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt,
-        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-
-  def chat_prompt_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-    """Token ids of a conversation ending in the assistant's generation prompt.
-
-    With a chat template, ``render_chat(..., add_generation_prompt=True)``;
-    without, ``PLAIN_CHAT_FORMAT`` ending in ``"Assistant: "``.
-    """
-    if self.chat_template is not None:
-      return self.encode(self.render_chat(messages, add_generation_prompt=True))
-    ids = self._bos_ids()
-    for message in messages:
-      ids += self._plain_message_ids(message)[0]
-    return ids + self.encode(PLAIN_CHAT_FORMAT["assistant"].format(content=""))
-
-  def _bos_ids(self) -> list[int]:
-    return [] if self.bos_id is None else [self.bos_id]
-
-  def _plain_message_ids(self, message: dict[str, Any]) -> tuple[list[int], list[bool]]:
-    role, content = message["role"], message["content"]
-    if role != "assistant":
-      ids = self.encode(PLAIN_CHAT_FORMAT[role].format(content=content))
-      return ids, [False] * len(ids)
-    header = self.encode(PLAIN_CHAT_FORMAT["assistant"].format(content=""))
-    body = self.encode(content) + [self.eos_id]
-    return header + body, [False] * len(header) + [True] * len(body)
-
-
-def _special_token(value: Any) -> str | None:
-  """``tokenizer_config.json`` spells a token as a string or an AddedToken dict."""
-  if isinstance(value, dict):
-    return value.get("content")
-  return value
-
-
-def _compiled_template(source: str):
-  """A template compiled as ``transformers`` does (sandboxed, trimmed blocks)."""
-  try:
-    import jinja2  # Optional dependency (extra `examples`), only for templates.
-    from jinja2 import sandbox
-  except ImportError as e:
-    raise ImportError(
-        "rendering a chat template needs jinja2: pip install 'apollo_optax"
-        "[examples]' (or jinja2)") from e
-
-  def raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-  def strftime_now(fmt: str) -> str:
-    import datetime
-    return datetime.datetime.now().strftime(fmt)
-
-  env = sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True,
-      extensions=["jinja2.ext.loopcontrols"])
-  env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(
-      x, ensure_ascii=False, indent=indent)
-  env.globals["raise_exception"] = raise_exception
-  env.globals["strftime_now"] = strftime_now
-  return env.from_string(source)
-
-
-def load_tokenizer(checkpoint: PathLike) -> CheckpointTokenizer:
-  """Reads a Hugging Face checkpoint folder's tokenizer.
-
-  Reads ``tokenizer.json`` (required), ``tokenizer_config.json`` (special
-  tokens and ``chat_template``; a list of named templates picks ``default``),
-  ``chat_template.jinja`` (newer ``transformers``) and, for the EOS id when
-  the config names none, ``generation_config.json`` / ``config.json``.
-
-  Raises:
-    FileNotFoundError: no ``tokenizer.json`` in ``checkpoint``.
-    ValueError: no EOS token can be found.
-  """
-  root = pathlib.Path(checkpoint)
-  path = root / "tokenizer.json"
-  if not path.is_file():
-    raise FileNotFoundError(
-        f"{path}: no such file; the checkpoint folder must hold the tokenizer"
-        " as tokenizer.json (the `tokenizers` format)")
-  tokenizer = tokenizers.Tokenizer.from_file(str(path))
-  config = _read_json(root / "tokenizer_config.json")
-  bos = _special_token(config.get("bos_token"))
-  eos = _special_token(config.get("eos_token"))
-  template = config.get("chat_template")
-  if isinstance(template, list):
-    named = {t.get("name"): t.get("template") for t in template}
-    template = named.get("default")
-  if (root / "chat_template.jinja").is_file():
-    template = (root / "chat_template.jinja").read_text(encoding="utf-8")
-  eos_id = tokenizer.token_to_id(eos) if eos is not None else None
-  if eos_id is None:
-    for name in ("generation_config.json", "config.json"):
-      value = _read_json(root / name).get("eos_token_id")
-      if isinstance(value, list) and value:
-        value = value[0]
-      if isinstance(value, int):
-        eos_id = value
-        break
-  if eos_id is None:
-    try:
-      eos_id = data_lib.find_eos_id(tokenizer)
-    except ValueError:
-      raise ValueError(
-          f"{root}: no EOS token: tokenizer_config.json has no eos_token and"
-          " config.json / generation_config.json no eos_token_id") from None
-  if eos is None:
-    eos = tokenizer.id_to_token(eos_id)
-  if bos is not None and tokenizer.token_to_id(bos) is None:
-    bos = None
-  return CheckpointTokenizer(tokenizer, eos_id, bos, eos, template)
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-  if not path.is_file():
-    return {}
-  return json.loads(path.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------
@@ -335,9 +141,9 @@ def _check_messages(value: Any, key: str) -> list[dict[str, str]]:
     if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
       raise RecordError(f"bad {key}: message {i} is not an object with keys"
                         " 'role' and 'content'")
-    if message["role"] not in CHAT_ROLES:
+    if message["role"] not in chat_template.CHAT_ROLES:
       raise RecordError(f"unknown role: message {i} has role"
-                        f" {message['role']!r}; expected one of {CHAT_ROLES}")
+                        f" {message['role']!r}; expected one of {chat_template.CHAT_ROLES}")
     if not isinstance(message["content"], str):
       raise RecordError(f"bad {key}: message {i} content is not a string")
   return value
@@ -355,9 +161,9 @@ def _tokenize_chat(messages: list[dict[str, str]], tok: CheckpointTokenizer,
     if not messages[i]["content"].strip():
       raise RecordError(f"empty completion: assistant message {i} is empty")
   if tok.chat_template is None:
-    ids, flags = tok._bos_ids(), [False] * len(tok._bos_ids())
+    ids, flags = tok.bos_ids(), [False] * len(tok.bos_ids())
     for i, message in enumerate(messages):
-      more, more_flags = tok._plain_message_ids(message)
+      more, more_flags = tok.plain_message_ids(message)
       ids += more
       flags += [f and i in trained for f in more_flags]
     return ids, flags
@@ -421,7 +227,7 @@ def tokenize_record(record: Any, tok: CheckpointTokenizer) -> tuple[list[int], l
                         f" completion lists of messages), got {type(value).__name__}")
   if not completion.strip():
     raise RecordError("empty completion: nothing to train on")
-  head = tok._bos_ids() + tok.encode(prompt)
+  head = tok.bos_ids() + tok.encode(prompt)
   body = tok.encode(completion) + [tok.eos_id]
   return head + body, [False] * len(head) + [True] * len(body)
 

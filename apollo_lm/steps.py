@@ -4,9 +4,10 @@ Every entry point (``apollo_lm.train``, the demo, the benchmarks and the
 tests) builds its steps here; no other module computes the loss or applies an
 update. What this module owns:
 
-* :class:`Batch`: inputs, targets and the optional per-token loss mask,
-  segment ids and positions (the last three are None for packed
-  pre-training windows; fine-tuning sets the mask to train on answers only).
+* The steps read an :class:`apollo_lm.batch.Batch`: inputs, targets and
+  the optional per-token loss mask, segment ids and positions (the last
+  three are None for packed pre-training windows; fine-tuning sets the mask
+  to train on answers only).
 * :func:`next_token_loss`: the mean next-token cross-entropy in float32 over
   the counted tokens, and :func:`next_token_loss_sum` (sum and token count,
   for evaluations that weight batches by their token count).
@@ -25,7 +26,7 @@ parameters and the optimizer state are updated in place).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from flax import nnx
 import jax
@@ -35,37 +36,11 @@ import optax
 import apollo_optax
 from apollo_lm import layerwise
 from apollo_lm import model as model_lib
+from apollo_lm.batch import Batch
 from apollo_lm.configs import LlamaConfig
 
 Metrics = dict[str, jax.Array]
 TrainStep = Callable[[Any, Any, "Batch"], tuple[Any, Any, Metrics]]
-
-
-class Batch(NamedTuple):
-  """One batch of next-token prediction.
-
-  Attributes:
-    inputs: ``int[..., B, T]`` tokens fed to the model.
-    targets: ``int[..., B, T]`` the token that follows each input position
-      (the inputs shifted left by one).
-    loss_mask: optional ``[..., B, T]`` weights (1 = count the position,
-      0 = ignore it: padding, prompt tokens); None counts every position.
-    segment_ids: optional ``int[..., B, T]`` ids of the examples packed in
-      a row: attention stays within an example (``apollo_lm.model.Llama``).
-    positions: optional ``int[..., B, T]`` rotary positions (default: per
-      segment with ``segment_ids``, else ``0 .. T-1``).
-  """
-
-  inputs: jax.Array
-  targets: jax.Array
-  loss_mask: jax.Array | None = None
-  segment_ids: jax.Array | None = None
-  positions: jax.Array | None = None
-
-  @classmethod
-  def from_tokens(cls, tokens: jax.Array) -> Batch:
-    """``tokens[..., T + 1]`` -> inputs ``tokens[..., :-1]``, targets ``[..., 1:]``."""
-    return cls(inputs=tokens[..., :-1], targets=tokens[..., 1:])
 
 
 def _per_token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:

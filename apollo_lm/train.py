@@ -7,13 +7,13 @@ Command line (``python -m apollo_lm.train --help``)::
 
 Python::
 
-  from apollo_lm.config import TrainConfig
+  from apollo_lm.run_config import TrainConfig
   from apollo_lm.train import train_and_evaluate
   result = train_and_evaluate(TrainConfig(optimizer="apollo", steps=300))
   result.eval_loss, result.to_json()
 
 This module is the loop only: data -> step -> evaluation -> checkpoint ->
-metrics. The options are :class:`apollo_lm.config.TrainConfig` (command line:
+metrics. The options are :class:`apollo_lm.run_config.TrainConfig` (command line:
 :mod:`apollo_lm.cli`), the steps :mod:`apollo_lm.steps`, the mesh and batch
 layout :mod:`apollo_lm.geometry`, signals and multi-process start
 :mod:`apollo_lm.runtime`, the metrics file and the typed result
@@ -74,9 +74,9 @@ from apollo_lm import optimizers
 from apollo_lm import runtime
 from apollo_lm import sharding as sharding_lib
 from apollo_lm import steps
-from apollo_lm.config import as_config
-from apollo_lm.config import resume_mismatches
-from apollo_lm.config import TrainConfig
+from apollo_lm import tokenizer as tokenizer_lib
+from apollo_lm.run_config import resume_mismatches
+from apollo_lm.run_config import TrainConfig
 from apollo_lm.errors import ConfigError
 from apollo_lm.metrics import TrainResult
 
@@ -100,15 +100,10 @@ class RunData:
 
 
 def _load_tokenizer(name: str):
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  if os.path.isfile(name):
-    return tokenizers.Tokenizer.from_file(name)
   try:
-    return tokenizers.Tokenizer.from_pretrained(name)
-  except Exception as e:  # Any hub/network failure; name the flag.
-    raise ConfigError(
-        "--hf-tokenizer", f"{name!r} is neither a tokenizer.json file nor a "
-        f"loadable Hugging Face Hub tokenizer ({e}).") from e
+    return tokenizer_lib.load_tokenizer(name, encode_special_tokens=False)
+  except ValueError as e:
+    raise ConfigError("--hf-tokenizer", str(e)) from e
 
 
 def load_data(config: TrainConfig, geometry: geometry_lib.Geometry) -> RunData:
@@ -484,7 +479,7 @@ def train(options: TrainConfig | Mapping[str, Any] | Sequence[str] | None
   A dict uses field names (``{"optimizer": "apollo", "steps": 300}``;
   ``"config"`` is accepted for ``model``).
   """
-  return train_and_evaluate(as_config(options))
+  return train_and_evaluate(cli.as_config(options))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

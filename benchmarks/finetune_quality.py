@@ -133,8 +133,9 @@ def heldout_loss(checkpoint: str, eval_path: str, seq_len: int) -> dict[str, flo
   from apollo_lm import hf
   from apollo_lm import sft
   from apollo_lm import steps
+  from apollo_lm import tokenizer as tokenizer_lib
 
-  tok = sft.load_tokenizer(checkpoint)
+  tok = tokenizer_lib.load_checkpoint_tokenizer(checkpoint)
   examples, _ = sft.read_jsonl(eval_path, tok, max_tokens=seq_len + 1)
   rows = sft.pack_examples(examples, seq_len, seed=None)
   model, _ = hf.load_pretrained(checkpoint, max_seq_len=seq_len)
@@ -155,9 +156,9 @@ def samples(checkpoint: str, records: list[dict[str, Any]],
 
   from apollo_lm import generate as generate_lib
   from apollo_lm import hf
-  from apollo_lm import sft
+  from apollo_lm import tokenizer as tokenizer_lib
 
-  tok = sft.load_tokenizer(checkpoint)
+  tok = tokenizer_lib.load_checkpoint_tokenizer(checkpoint)
   model, _ = hf.load_pretrained(checkpoint)
   out = []
   for record in records:

@@ -27,7 +27,7 @@ def test_readme_quickstart_runs():
 
 
 # apollo_lm modules with docstring examples; each must attempt at least one.
-APOLLO_LM_MODULES = ("apollo_lm.config", "apollo_lm.optimizers", "apollo_lm.steps")
+APOLLO_LM_MODULES = ("apollo_lm.run_config", "apollo_lm.optimizers", "apollo_lm.steps")
 
 
 @pytest.mark.parametrize("module", MODULES)

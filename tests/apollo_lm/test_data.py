@@ -537,11 +537,11 @@ def test_pack_windows_matches_reference(lengths, seq_len, skip):
 
 
 def test_find_eos_id():
-  assert data.find_eos_id(T5LikeEncoder()) == 1
+  assert tokenizer_lib.find_eos_id(T5LikeEncoder()) == 1
   t5_style = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<pad>": 0, "</s>": 1, "a": 2}))
-  assert data.find_eos_id(t5_style) == 1
+  assert tokenizer_lib.find_eos_id(t5_style) == 1
   with pytest.raises(ValueError, match=r"Tokenizer has no eos_token_id.*pass eos_id"):
-    data.find_eos_id(tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0})))
+    tokenizer_lib.find_eos_id(tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0})))
 
 
 # --- A few files: split by documents -----------------------------------------

@@ -196,9 +196,10 @@ def test_prompt_tokens_get_no_gradient(checkpoint, sft_file):
   prompt positions changes neither the loss nor the gradient."""
   from flax import nnx
   from apollo_lm import hf, sft, steps
+  from apollo_lm import tokenizer as tokenizer_lib
   model, _ = hf.load_pretrained(checkpoint)
   graphdef, state = nnx.split(model, nnx.Param)
-  tok = sft.load_tokenizer(checkpoint)
+  tok = tokenizer_lib.load_checkpoint_tokenizer(checkpoint)
   examples, _ = sft.read_jsonl(sft_file, tok, max_tokens=33)
   rows = sft.pack_examples(examples[:12], 32, seed=0)
   batch = steps.Batch(*(jnp.asarray(f) for f in rows))

@@ -9,6 +9,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from apollo_lm import sft
+from apollo_lm import tokenizer as tokenizer_lib
 
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 
@@ -74,7 +75,7 @@ def _counted_text(tok, ids, flags):
 class TestTokenizer:
 
   def test_reads_special_tokens_and_template(self, tmp_path):
-    tok = sft.load_tokenizer(_checkpoint(tmp_path, CHATML))
+    tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(tmp_path, CHATML))
     assert tok.eos_id == tok.tokenizer.token_to_id("</s>")
     assert tok.bos_id == tok.tokenizer.token_to_id("<s>")
     assert tok.chat_template == CHATML
@@ -85,17 +86,17 @@ class TestTokenizer:
                          eos_token=None, bos_token=None)
     eos = _tokenizer().token_to_id("<|im_end|>")
     (folder / "config.json").write_text(json.dumps({"eos_token_id": [eos, 1]}))
-    tok = sft.load_tokenizer(folder)
+    tok = tokenizer_lib.load_checkpoint_tokenizer(folder)
     assert tok.eos_id == eos
     assert tok.bos_id is None
     assert tok.chat_template == CHATML
 
   def test_missing_tokenizer_json(self, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-      sft.load_tokenizer(tmp_path)
+      tokenizer_lib.load_checkpoint_tokenizer(tmp_path)
 
   def test_renders_like_apply_chat_template(self, tmp_path):
-    tok = sft.load_tokenizer(_checkpoint(tmp_path, CHATML))
+    tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(tmp_path, CHATML))
     messages = [{"role": "user", "content": "hi"}]
     assert (tok.render_chat(messages, add_generation_prompt=True)
             == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
@@ -111,7 +112,7 @@ class TestMask:
     self.tmp = tmp_path
 
   def test_prompt_completion(self):
-    tok = sft.load_tokenizer(_checkpoint(self.tmp, CHATML))
+    tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(self.tmp, CHATML))
     ids, flags = sft.tokenize_record(
         {"prompt": "what is two plus three? ", "completion": "five."}, tok)
     assert ids[0] == tok.bos_id
@@ -123,7 +124,7 @@ class TestMask:
 
   @pytest.mark.parametrize("template", [CHATML, None], ids=["template", "plain"])
   def test_chat_counts_assistant_turns_only(self, template):
-    tok = sft.load_tokenizer(_checkpoint(self.tmp, template))
+    tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(self.tmp, template))
     messages = [{"role": "system", "content": "System says"},
                 {"role": "user", "content": "what is two plus three?"},
                 {"role": "assistant", "content": "five."},
@@ -141,7 +142,7 @@ class TestMask:
     assert tok.decode(ids) == whole
 
   def test_conversational_prompt_completion(self):
-    tok = sft.load_tokenizer(_checkpoint(self.tmp, CHATML))
+    tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(self.tmp, CHATML))
     record = {"prompt": [{"role": "user", "content": "hi"},
                          {"role": "assistant", "content": "abc"},
                          {"role": "user", "content": "more"}],
@@ -151,7 +152,7 @@ class TestMask:
 
   def test_generation_prompt_matches_training_prefix(self):
     for template in (CHATML, None):
-      tok = sft.load_tokenizer(_checkpoint(self.tmp, template))
+      tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(self.tmp, template))
       messages = [{"role": "user", "content": "hello"}]
       ids, flags = sft.tokenize_record(
           {"messages": messages + [{"role": "assistant", "content": "five."}]}, tok)
@@ -187,7 +188,7 @@ class TestBadRecord:
   @pytest.fixture(autouse=True)
   def _tmp(self, tmp_path):
     self.tmp = tmp_path
-    self.tok = sft.load_tokenizer(_checkpoint(self.tmp, CHATML))
+    self.tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(self.tmp, CHATML))
     records = list(self.RECORDS)
     records.insert(5, "   ")  # a blank line is not a record: lines shift by 1
     self.path = _write_jsonl(self.tmp / "data.jsonl", records)
@@ -219,14 +220,14 @@ class TestBadRecord:
       sft.read_jsonl(path, self.tok)
 
   def test_non_incremental_template(self):
-    tok = sft.load_tokenizer(_checkpoint(self.tmp, NON_INCREMENTAL))
+    tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(self.tmp, NON_INCREMENTAL))
     with pytest.raises(sft.RecordError, match="incrementally"):
       sft.tokenize_record({"messages": [
           {"role": "user", "content": "x"},
           {"role": "assistant", "content": "y"}]}, tok)
 
   def test_template_errors_are_record_errors(self):
-    tok = sft.load_tokenizer(_checkpoint(
+    tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(
         self.tmp, "{{ raise_exception('no system role') }}"))
     with pytest.raises(sft.RecordError, match="no system role"):
       sft.tokenize_record({"messages": [
@@ -288,7 +289,7 @@ class TestData:
   @pytest.fixture(autouse=True)
   def _tmp(self, tmp_path):
     self.tmp = tmp_path
-    self.tok = sft.load_tokenizer(_checkpoint(self.tmp, CHATML))
+    self.tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(self.tmp, CHATML))
     self.records = [{"prompt": f"what is {a} plus {b}? ", "completion": str(a + b)}
                     for a in range(10) for b in range(10)]
     self.path = _write_jsonl(self.tmp / "train.jsonl", self.records)

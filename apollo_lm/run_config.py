@@ -10,7 +10,7 @@ with the option's flag as a field. Checks that need the devices or the data
 
 Example::
 
-  >>> from apollo_lm.config import TrainConfig
+  >>> from apollo_lm.run_config import TrainConfig
   >>> TrainConfig(optimizer="apollo_mini", steps=100).warmup
   10
   >>> TrainConfig(lr=-1.0)
@@ -24,12 +24,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from apollo_lm import configs
-from apollo_lm import layerwise
-from apollo_lm import optimizers
 from apollo_lm.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -78,8 +76,8 @@ class TrainConfig:
 
   # optimizer
   optimizer: str = option(
-      "apollo", f"one of {', '.join(optimizers.OPTIMIZER_NAMES)}",
-      group="optimizer")
+      "apollo", "a recipe of apollo_lm.optimizers.RECIPES (an unknown name "
+      "lists them)", group="optimizer")
   lr: float | None = option(
       None, "peak learning rate (default: per optimizer)", group="optimizer")
   warmup_steps: int | None = option(
@@ -93,11 +91,10 @@ class TrainConfig:
       group="optimizer")
   scale_type: str | None = option(
       None, "apollo scaling granularity (ablation; default: channel for "
-      "apollo, tensor for apollo_mini)", group="optimizer",
-      choices=optimizers.SCALE_TYPES)
+      "apollo, tensor for apollo_mini)", group="optimizer")
   projection: str | None = option(
       None, "apollo/apollo_mini projection (ablation; default: gaussian)",
-      group="optimizer", choices=optimizers.PROJECTIONS)
+      group="optimizer")
   projection_dtype: str | None = option(
       None, "apollo/apollo_mini projection product input dtype: bfloat16 "
       "(fast path, float32 accumulation; with --projection rademacher P is "
@@ -290,6 +287,10 @@ class TrainConfig:
     Raises:
       ConfigError: naming the option's flag, its value and what is allowed.
     """
+    # The options sit below the training code they configure: its checks
+    # are imported when a config is built, not when this module is.
+    from apollo_lm import layerwise  # pylint: disable=g-import-not-at-top
+    from apollo_lm import optimizers  # pylint: disable=g-import-not-at-top
     if self.model not in configs.CONFIG_NAMES:
       raise ConfigError("--config", f"unknown config {self.model!r}; "
                         f"allowed: {', '.join(configs.CONFIG_NAMES)}.")
@@ -383,15 +384,3 @@ def resume_mismatches(stored: Mapping[str, Any],
           f"{given[name]!r}"
           for name in STRUCTURAL_OPTIONS
           if name in stored and stored[name] != given[name]]
-
-
-def as_config(options: TrainConfig | Mapping[str, Any] | Sequence[str] | None
-              ) -> TrainConfig:
-  """A :class:`TrainConfig` from itself, a dict of options, or argv strings."""
-  if isinstance(options, TrainConfig):
-    return options
-  if options is None or (isinstance(options, Sequence)
-                         and not isinstance(options, str)):
-    from apollo_lm import cli  # pylint: disable=g-import-not-at-top
-    return cli.parse_args(list(options or []))
-  return TrainConfig.from_options(options)

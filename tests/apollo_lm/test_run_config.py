@@ -1,12 +1,12 @@
-"""Tests of ``apollo_lm.config`` (TrainConfig) and ``apollo_lm.cli``."""
+"""Tests of ``apollo_lm.run_config`` (TrainConfig) and ``apollo_lm.cli``."""
 
 import dataclasses
 
 import pytest
 
 from apollo_lm import cli
-from apollo_lm import config as config_lib
-from apollo_lm.config import TrainConfig
+from apollo_lm import run_config as config_lib
+from apollo_lm.run_config import TrainConfig
 from apollo_lm.errors import ConfigError
 
 
