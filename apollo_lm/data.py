@@ -13,7 +13,8 @@ Two corpora feed the same kind of batches:
   with Hugging Face ``datasets`` (an optional dependency) or read from local
   ``*.json.gz`` files in the same format, tokenized on the fly.
 
-Batches are ``(inputs, targets)`` int32 arrays of shape ``(batch, seq_len)``
+Batches are :class:`apollo_lm.batch.Batch` es of ``inputs`` and ``targets``, int32
+arrays of shape ``(batch, seq_len)``
 cut from windows of ``seq_len + 1`` consecutive tokens, ``targets`` being
 ``inputs`` shifted by one. For ``TokenBatches`` the batch at a step is a pure
 function of ``(seed, step)``, so a checkpoint needs to store only the step to

@@ -2,7 +2,7 @@
 
 Trains the ``tiny`` LLaMA on the Python standard library's sources (no
 download) with each optimizer under the same token budget and the paper's
-recipe (``apollo_lm.optimizers.DEFAULTS``: warm-up over 10% of the steps, then
+recipe (``apollo_lm.optimizers.RECIPES``: warm-up over 10% of the steps, then
 cosine to 10% of the peak; APOLLO rank = hidden_size / 4; APOLLO-Mini scale
 hidden_size / 4 = 32, as the paper's scripts scale it with the width), then prints a
 table, saves the loss curves as a PNG and writes ``summary.json``::

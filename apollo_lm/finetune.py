@@ -19,7 +19,8 @@ Usage::
       --data train.jsonl --optimizer apollo_mini --steps 1000 \\
       --batch-size 8 --seq-len 1024 --save-hf out/llama-ft
 
-Fine-tuning defaults (:data:`FINETUNE_DEFAULTS`) are the APOLLO paper's
+Fine-tuning defaults (the ``finetune`` column of
+:data:`apollo_lm.optimizers.RECIPES`) are the APOLLO paper's
 (Table 12, commonsense fine-tuning of Llama-3.2-1B): rank 32, APOLLO-Mini
 rank 1 and scale 128 (update x sqrt(128)), APOLLO scale 5 (x sqrt(5)),
 learning rate 3e-4 for the APOLLO family and GaLore, 2e-5 for AdamW (the
@@ -57,16 +58,6 @@ from apollo_lm.run_config import option
 from apollo_lm.run_config import TrainConfig
 from apollo_lm.errors import ConfigError
 
-FINETUNE_DEFAULTS: Final[dict[str, dict[str, Any]]] = {
-    "adamw": dict(learning_rate=2e-5),
-    "apollo": dict(learning_rate=3e-4, rank=32, scale=5.0),
-    "apollo_mini": dict(learning_rate=3e-4, scale=128.0),
-    "galore": dict(learning_rate=3e-4, rank=32, scale=0.25),
-    # Not in the paper: Adafactor (absolute steps, no momentum) at AdamW's.
-    "adafactor": dict(learning_rate=2e-5),
-}
-"""Per optimizer: peak learning rate, and rank/scale where it has them."""
-
 WARMUP_STEPS: Final[int] = 100
 
 
@@ -79,8 +70,8 @@ def linear_schedule(peak: float, total_steps: int,
     ValueError: ``warmup_steps`` not in ``[0, total_steps)``.
   """
   if not 0 <= warmup_steps < total_steps:
-    raise ValueError(f"--warmup-steps: {warmup_steps} must be in [0, --steps="
-                     f"{total_steps}).")
+    raise ValueError(f"warmup_steps: {warmup_steps} must be in [0, "
+                     f"total_steps={total_steps}).")
   return optax.join_schedules(
       [optax.linear_schedule(0.0, peak, warmup_steps),
        optax.linear_schedule(peak, 0.0, total_steps - warmup_steps)],
@@ -158,11 +149,14 @@ class FinetuneConfig(TrainConfig):
       "--freeze-embedding, which is the same matrix)", group="finetune")
 
   def __post_init__(self):
-    defaults = FINETUNE_DEFAULTS.get(self.optimizer, {})
-    for name, key in (("lr", "learning_rate"), ("rank", "rank"),
-                      ("scale", "scale")):
-      if getattr(self, name) is None and key in defaults:
-        object.__setattr__(self, name, defaults[key])
+    recipe = optimizers.RECIPES.get(self.optimizer)
+    if recipe is not None:
+      d = recipe.finetune
+      for name, value in (("lr", d.learning_rate),
+                          ("rank", d.rank if d.has_rank else None),
+                          ("scale", d.scale)):
+        if getattr(self, name) is None:
+          object.__setattr__(self, name, value)
     if self.warmup_steps is None and isinstance(self.steps, int):
       object.__setattr__(self, "warmup_steps",
                          min(WARMUP_STEPS, self.steps // 10))

@@ -59,6 +59,7 @@ import numpy as np
 from apollo_lm import configs
 from apollo_lm import model as model_lib
 from apollo_lm import sharding as sharding_lib
+from apollo_lm.errors import ConfigError
 
 PathLike = str | os.PathLike
 
@@ -97,8 +98,9 @@ _GLOBAL_TENSORS: Final[dict[str, tuple[str, bool]]] = {
 _IGNORED_SUFFIXES: Final[tuple[str, ...]] = ("rotary_emb.inv_freq",)
 
 
-def _error(message: str) -> ValueError:
-  return ValueError(f"apollo_lm.hf: {message}")
+def _error(option: str, message: str) -> ConfigError:
+  """``option`` (a ``config.json`` key, or an argument) is at fault."""
+  return ConfigError(option, message)
 
 
 def _architecture(hf: Mapping[str, Any]) -> str:
@@ -108,12 +110,12 @@ def _architecture(hf: Mapping[str, Any]) -> str:
     if hf.get("model_type") in by_type:
       return by_type[hf["model_type"]]
     raise _error(
-        f"config.json names no `architectures` and an unknown `model_type` "
+        "architectures", f"config.json names no `architectures` and an unknown `model_type` "
         f"{hf.get('model_type')!r}; supported architectures: "
         f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
   if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
     raise _error(
-        f"unsupported architecture {architectures!r}; supported "
+        "architectures", f"unsupported architecture {architectures!r}; supported "
         f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}.")
   return architectures[0]
 
@@ -126,7 +128,7 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, configs.RopeScaling | None]:
       # Per layer type (transformers >= 5): only full attention is supported.
       if set(params) != {"full_attention"}:
         raise _error(
-            f"`rope_parameters` for layer types {sorted(params)}; supported: "
+            "rope_parameters", f"`rope_parameters` for layer types {sorted(params)}; supported: "
             f"full_attention only.")
       params = params["full_attention"]
     params = dict(params)
@@ -137,7 +139,7 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, configs.RopeScaling | None]:
   theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
   if rope_type not in SUPPORTED_ROPE_TYPES:
     raise _error(
-        f"unsupported RoPE scaling type {rope_type!r}; supported RoPE types: "
+        "rope_type", f"unsupported RoPE scaling type {rope_type!r}; supported RoPE types: "
         f"{', '.join(SUPPORTED_ROPE_TYPES)}.")
   if rope_type == "default":
     return theta, None
@@ -149,7 +151,7 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, configs.RopeScaling | None]:
         original_max_position_embeddings=int(
             params["original_max_position_embeddings"]))
   except KeyError as e:
-    raise _error(f"llama3 RoPE scaling without {e.args[0]!r}.") from None
+    raise _error("rope_scaling", f"llama3 RoPE scaling without {e.args[0]!r}.") from None
   return theta, scaling
 
 
@@ -180,16 +182,16 @@ def config_from_hf(hf: Mapping[str, Any], *, max_seq_len: int | None = None,
   arch = _architecture(hf)
   act = hf.get("hidden_act", "silu")
   if act != "silu":
-    raise _error(f"unsupported `hidden_act` {act!r}; supported: silu.")
+    raise _error("hidden_act", f"unsupported `hidden_act` {act!r}; supported: silu.")
   for key in ("attention_bias", "mlp_bias"):
     if arch == "LlamaForCausalLM" and hf.get(key):
       raise _error(
-          f"`{key}`=true is not supported for LlamaForCausalLM; supported "
+          key, f"`{key}`=true is not supported for LlamaForCausalLM; supported "
           f"biases: q/k/v biases of Qwen2ForCausalLM.")
   layer_types = set(hf.get("layer_types") or ())
   if layer_types - {"full_attention"}:
     raise _error(
-        f"unsupported `layer_types` {sorted(layer_types)}; supported: "
+        "layer_types", f"unsupported `layer_types` {sorted(layer_types)}; supported: "
         f"full_attention (no sliding-window layers).")
   theta, scaling = _rope(hf)
   window = hf.get("sliding_window")
@@ -238,11 +240,11 @@ def config_to_hf(config: configs.LlamaConfig,
                       else "LlamaForCausalLM")
   if architecture not in SUPPORTED_ARCHITECTURES:
     raise _error(
-        f"unsupported `architecture` {architecture!r}; supported "
+        "architecture", f"unsupported `architecture` {architecture!r}; supported "
         f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}.")
   if config.qkv_bias != (architecture == "Qwen2ForCausalLM"):
     raise _error(
-        f"{architecture} cannot express qkv_bias={config.qkv_bias}; q/k/v "
+        "architecture", f"{architecture} cannot express qkv_bias={config.qkv_bias}; q/k/v "
         f"biases are supported as Qwen2ForCausalLM only.")
   scaling = config.rope_scaling
   out = {
@@ -288,7 +290,7 @@ def _hf_names(config: configs.LlamaConfig, path: str) -> list[tuple[str, bool]]:
     if ours == path:
       return [(f"model.layers.{i}.{name}", transposed)
               for i in range(config.num_layers)]
-  raise _error(f"no Hugging Face name for parameter {path!r}.")
+  raise _error("path", f"no Hugging Face name for parameter {path!r}.")
 
 
 class _Reader:
@@ -391,14 +393,14 @@ def load_pretrained(
       host = np.empty(shape, jnp.dtype(dtype))
       for i, (name, transposed) in enumerate(names):
         if name not in reader.location:
-          raise _error(f"{root}: missing tensor {name!r} (for {path_str}).")
+          raise _error("path", f"{root}: missing tensor {name!r} (for {path_str}).")
         tensor = reader.get(name)
         if transposed:
           tensor = tensor.T
         target = host[i] if len(names) > 1 else host
         if tensor.shape != target.shape:
           raise _error(
-              f"{root}: tensor {name!r} has shape {list(tensor.shape)}, the "
+              "path", f"{root}: tensor {name!r} has shape {list(tensor.shape)}, the "
               f"config implies {list(target.shape[::-1] if transposed else target.shape)}.")
         target[...] = tensor
         del tensor
@@ -414,7 +416,7 @@ def load_pretrained(
         and not (config.tie_embeddings and name == "lm_head.weight"))
     if unexpected:
       raise _error(
-          f"{root}: unexpected tensors {unexpected[:5]}"
+          "path", f"{root}: unexpected tensors {unexpected[:5]}"
           f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}); "
           f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} weights.")
   finally:

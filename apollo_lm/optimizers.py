@@ -1,8 +1,10 @@
 """Optimizers compared by the pre-training job, with the paper's defaults.
 
-One table, :data:`DEFAULTS`, holds the hyper-parameters every entry point
-(``apollo_lm.train``, ``apollo_lm.demo``, the benchmarks) uses unless told
-otherwise; :func:`make_optimizer` turns a name and a model config into an
+One table, :data:`RECIPES`, holds each optimizer as data: its defaults for
+pre-training (``apollo_lm.train``, ``apollo_lm.demo``, the benchmarks) and
+for fine-tuning (``apollo_lm.finetune``), and its builder. Adding an
+optimizer is one entry there. :func:`resolve_hparams` applies the defaults;
+:func:`make_optimizer` turns a name and a model config into an
 ``optax.GradientTransformation`` with the paper's schedule (linear warm-up,
 then cosine decay to 10% of the peak learning rate, APOLLO paper A.4).
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,28 +37,29 @@ import apollo_optax
 from apollo_lm.configs import LlamaConfig
 from apollo_lm.errors import ConfigError
 
-OPTIMIZER_NAMES: Final[tuple[str, ...]] = (
-    "adamw", "apollo", "apollo_mini", "galore", "adafactor")
-
-APOLLO_NAMES: Final[tuple[str, ...]] = ("apollo", "apollo_mini")
-SCALE_TYPES: Final[tuple[str, ...]] = ("channel", "tensor")
-PROJECTIONS: Final[tuple[str, ...]] = ("gaussian", "rademacher", "svd")
-
 MIN_LR_RATIO: Final[float] = 0.1
 """Final learning rate of the cosine schedule, as a fraction of the peak."""
+
+SCALE_TYPES: Final[tuple[str, ...]] = ("channel", "tensor")
+PROJECTIONS: Final[tuple[str, ...]] = ("gaussian", "rademacher", "svd")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerDefaults:
-  """Default hyper-parameters of one optimizer.
+  """Default hyper-parameters of one optimizer in one setting.
 
   Attributes:
-    learning_rate: Peak learning rate of the warm-up + cosine schedule.
-    has_rank: whether the optimizer has a rank to set (APOLLO, GaLore); its
-      default is :func:`default_rank`. APOLLO-Mini is always rank 1.
+    learning_rate: Peak learning rate.
+    has_rank: whether the optimizer has a rank to set (APOLLO, GaLore).
+    rank: the default (or, without ``has_rank``, fixed) rank; None with
+      ``has_rank``: :func:`default_rank` of the model's hidden size.
+      APOLLO-Mini is always rank 1.
     scale: APOLLO's ``scale`` (the update is multiplied by its square root) or
       GaLore's ``scale`` (multiplies the projected-back update); None if the
       optimizer has none.
+    scale_types: APOLLO's allowed scaling granularities, the default first;
+      empty for optimizers without one (then neither a projection nor the
+      norm-growth limiter can be set either).
     b1: First-moment decay.
     b2: Second-moment decay.
     eps: Added to the root of the second moment.
@@ -65,32 +68,18 @@ class OptimizerDefaults:
 
   learning_rate: float
   has_rank: bool = False
+  rank: int | None = None
   scale: float | None = None
+  scale_types: tuple[str, ...] = ()
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
   update_proj_gap: int = 200
 
-
-# Sources: APOLLO paper A.4 and the official repository's pre-training scripts
-# (paper.md section 5): lr 1e-2 for APOLLO and APOLLO-Mini, rank 1/4 of the
-# hidden size, gap 200, APOLLO scale 1, APOLLO-Mini scale 128 applied before
-# the norm-growth limiter, betas (0.9, 0.999), eps 1e-6 (APOLLOAdamW). AdamW is
-# the baseline of GaLore's and APOLLO's scripts, torch.optim.AdamW at lr 1e-3
-# with its default eps 1e-8. GaLore: lr 1e-2 and scale 0.25 as in the GaLore
-# paper's pre-training runs. Adafactor is not in the APOLLO paper: we use its
-# absolute-step form (factored second moments, update clipping at RMS 1, no
-# momentum) at AdamW's lr 1e-3. Its default relative step multiplies the lr
-# by the parameter RMS, which assumes unit-scale weights (T5); with LLaMA's
-# normal(0, 0.02) init it makes steps about 50x smaller than AdamW's.
-DEFAULTS: Final[dict[str, OptimizerDefaults]] = {
-    "adamw": OptimizerDefaults(learning_rate=1e-3),
-    "apollo": OptimizerDefaults(
-        learning_rate=1e-2, has_rank=True, scale=1.0, eps=1e-6),
-    "apollo_mini": OptimizerDefaults(learning_rate=1e-2, scale=128.0, eps=1e-6),
-    "galore": OptimizerDefaults(learning_rate=1e-2, has_rank=True, scale=0.25),
-    "adafactor": OptimizerDefaults(learning_rate=1e-3),
-}
+  @property
+  def is_apollo(self) -> bool:
+    """Whether APOLLO's options (projection, scale type, limiter) apply."""
+    return bool(self.scale_types)
 
 
 MAX_DEFAULT_RANK: Final[int] = 256
@@ -107,92 +96,6 @@ def default_rank(hidden_size: int) -> int:
   [128, 192, 256, 256, 256, 256]
   """
   return max(1, min(hidden_size // 4, MAX_DEFAULT_RANK))
-
-
-def check_name(name: str, flag: str = "optimizer") -> None:
-  """Raises a :class:`ConfigError` for ``flag`` unless ``name`` is known."""
-  if name not in DEFAULTS:
-    raise ConfigError(flag, f"unknown optimizer {name!r}; allowed: "
-                      f"{', '.join(OPTIMIZER_NAMES)}.")
-
-
-def resolve_hparams(name: str, config: LlamaConfig, *,
-                    learning_rate: float | None = None,
-                    rank: int | None = None,
-                    scale: float | None = None,
-                    scale_type: str | None = None,
-                    projection: str | None = None,
-                    limiter: bool = True) -> dict[str, Any]:
-  """The hyper-parameters ``name`` gets for ``config``, overrides applied.
-
-  Args:
-    name: One of :data:`OPTIMIZER_NAMES`.
-    config: The model config; its ``hidden_size`` sets the default rank.
-    learning_rate: Peak learning rate; None for the default.
-    rank: Projection rank; None for :func:`default_rank`.
-    scale: APOLLO/GaLore scale; None for the default.
-    scale_type: APOLLO's scaling granularity, ``"channel"`` or ``"tensor"``;
-      None for the default (channel for apollo, tensor for apollo_mini).
-    projection: APOLLO's projection, ``"gaussian"``, ``"rademacher"`` (the
-      fast path's ±1/√r signs, issue 12) or ``"svd"``; None for
-      ``"gaussian"``.
-    limiter: APOLLO's norm-growth limiter (gamma 1.01) on or off.
-
-  Returns:
-    A JSON-serialisable dict with ``learning_rate``, ``rank``, ``scale``,
-    ``b1``, ``b2``, ``eps``, ``update_proj_gap``, ``scale_type``,
-    ``projection`` and ``limiter`` (None where they do not apply), for logs
-    and summaries.
-
-  Raises:
-    ConfigError: unknown ``name``, or a rank/scale/APOLLO option for an
-      optimizer without it; the message names the option.
-  """
-  check_name(name)
-  defaults = DEFAULTS[name]
-  is_apollo = name in APOLLO_NAMES
-  for option, value, allowed in (("scale_type", scale_type, SCALE_TYPES),
-                                 ("projection", projection, PROJECTIONS)):
-    if value is None:
-      continue
-    if not is_apollo:
-      raise ConfigError(option, f"{name!r} has no {option} (only "
-                        f"{' and '.join(APOLLO_NAMES)} do).")
-    if value not in allowed:
-      raise ConfigError(option, f"unknown value {value!r}; allowed: "
-                        f"{', '.join(allowed)}.")
-  if name == "apollo_mini" and scale_type not in (None, "tensor"):
-    raise ConfigError(
-        "scale_type", f"apollo_mini is tensor-wise by definition, got "
-        f"{scale_type!r}; for channel-wise rank 1 use optimizer 'apollo' "
-        "with rank 1.")
-  if not limiter and not is_apollo:
-    raise ConfigError(
-        "limiter", f"{name!r} has no norm-growth limiter to turn off (only "
-        f"{' and '.join(APOLLO_NAMES)} do).")
-  if rank is not None and not defaults.has_rank:
-    raise ConfigError(
-        "rank", f"{name!r} has no rank to set (only apollo and galore do; "
-        "apollo_mini is rank 1).")
-  if scale is not None and defaults.scale is None:
-    raise ConfigError("scale", f"{name!r} has no scale to set.")
-  if defaults.has_rank and rank is None:
-    rank = default_rank(config.hidden_size)
-  elif name == "apollo_mini":
-    rank = 1
-  if is_apollo:
-    scale_type = scale_type or ("tensor" if name == "apollo_mini"
-                                else "channel")
-    projection = projection or "gaussian"
-  return dict(
-      learning_rate=(defaults.learning_rate if learning_rate is None
-                     else learning_rate),
-      rank=rank,
-      scale=defaults.scale if scale is None else scale,
-      b1=defaults.b1, b2=defaults.b2, eps=defaults.eps,
-      update_proj_gap=defaults.update_proj_gap,
-      scale_type=scale_type, projection=projection,
-      limiter=limiter if is_apollo else None)
 
 
 def make_schedule(peak_value: float, total_steps: int,
@@ -291,6 +194,267 @@ def _unstacked_mask(params: Any) -> Any:
   return apollo_optax.default_lowrank_mask(stacked)
 
 
+def _scale_non_lowrank(factor: float) -> optax.GradientTransformation:
+  """Multiplies the final updates of the non-low-rank leaves by ``factor``.
+
+  The schedule is multiplicative, so this is the same schedule with its peak
+  times ``factor`` (decoupled weight decay included, as in a per-group lr).
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    mask = apollo_optax.default_lowrank_mask(updates)
+    return jax.tree.map(lambda u, is_lowrank: u if is_lowrank else u * factor,
+                        updates, mask), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+class BuildArgs(NamedTuple):
+  """What a recipe's builder gets (see :func:`make_optimizer`).
+
+  Attributes:
+    schedule: the learning-rate schedule.
+    hparams: :func:`resolve_hparams`'s dict.
+    weight_decay: decoupled weight decay on matrices.
+    seed: seed of APOLLO's random projections.
+    mu_dtype: dtype of the first moments, or None.
+    projection_dtype: APOLLO's projection input dtype, or None.
+    adam_schedule: APOLLO's schedule of the non-low-rank leaves, or None.
+  """
+
+  schedule: optax.Schedule
+  hparams: dict[str, Any]
+  weight_decay: float
+  seed: int
+  mu_dtype: Any
+  projection_dtype: Any
+  adam_schedule: optax.Schedule | None
+
+
+def _moments(a: BuildArgs) -> dict[str, Any]:
+  h = a.hparams
+  return dict(b1=h["b1"], b2=h["b2"], eps=h["eps"], mu_dtype=a.mu_dtype)
+
+
+def _apollo_options(a: BuildArgs) -> dict[str, Any]:
+  h = a.hparams
+  return dict(
+      _moments(a), weight_decay=a.weight_decay, weight_decay_mask=decay_mask,
+      update_proj_gap=h["update_proj_gap"], seed=a.seed, scale=h["scale"],
+      projection=h["projection"], projection_dtype=a.projection_dtype,
+      adam_learning_rate=a.adam_schedule,
+      **({} if h["limiter"] else {"norm_growth_limit": None}))
+
+
+def _build_adamw(a: BuildArgs) -> optax.GradientTransformation:
+  return optax.adamw(a.schedule, weight_decay=a.weight_decay, mask=decay_mask,
+                     **_moments(a))
+
+
+def _build_apollo(a: BuildArgs) -> optax.GradientTransformation:
+  return apollo_optax.apollo(a.schedule, a.hparams["rank"],
+                             scale_type=a.hparams["scale_type"],
+                             **_apollo_options(a))
+
+
+def _build_apollo_mini(a: BuildArgs) -> optax.GradientTransformation:
+  return apollo_optax.apollo_mini(a.schedule, scale_front=True,
+                                  **_apollo_options(a))
+
+
+def _build_galore(a: BuildArgs) -> optax.GradientTransformation:
+  h = a.hparams
+  return per_layer(
+      contrib.galore(
+          a.schedule, rank=h["rank"], update_proj_gap=h["update_proj_gap"],
+          scale=h["scale"], base_optimizer=optax.scale_by_adam(**_moments(a)),
+          weight_decay=a.weight_decay, mask=decay_mask,
+          weight_dimension_numbers=galore_dimension_numbers),
+      apollo_optax.default_lowrank_mask)
+
+
+def _build_adafactor(a: BuildArgs) -> optax.GradientTransformation:
+  return optax.adafactor(a.schedule, multiply_by_parameter_scale=False,
+                         weight_decay_rate=a.weight_decay or None,
+                         weight_decay_mask=decay_mask)
+
+
+class Recipe(NamedTuple):
+  """One optimizer: its defaults for pre-training and fine-tuning, its builder.
+
+  Attributes:
+    pretrain: the defaults of ``apollo_lm.train``, the demo and benchmarks.
+    finetune: the defaults of ``apollo_lm.finetune``.
+    build: :class:`BuildArgs` -> the ``optax.GradientTransformation``.
+    has_first_moment: whether ``mu_dtype`` can be set (Adafactor: no).
+  """
+
+  pretrain: OptimizerDefaults
+  finetune: OptimizerDefaults
+  build: Callable[[BuildArgs], optax.GradientTransformation]
+  has_first_moment: bool = True
+
+
+def _recipe(build, pretrain: OptimizerDefaults, has_first_moment: bool = True,
+            **finetune: Any) -> Recipe:
+  return Recipe(pretrain, dataclasses.replace(pretrain, **finetune), build,
+                has_first_moment)
+
+
+# Pre-training, sources: APOLLO paper A.4 and the official repository's
+# pre-training scripts (paper.md section 5): lr 1e-2 for APOLLO and
+# APOLLO-Mini, rank 1/4 of the hidden size, gap 200, APOLLO scale 1,
+# APOLLO-Mini scale 128 applied before the norm-growth limiter, betas (0.9,
+# 0.999), eps 1e-6 (APOLLOAdamW). AdamW is the baseline of GaLore's and
+# APOLLO's scripts, torch.optim.AdamW at lr 1e-3 with its default eps 1e-8.
+# GaLore: lr 1e-2 and scale 0.25 as in the GaLore paper's pre-training runs.
+# Adafactor is not in the APOLLO paper: we use its absolute-step form
+# (factored second moments, update clipping at RMS 1, no momentum) at AdamW's
+# lr 1e-3. Its default relative step multiplies the lr by the parameter RMS,
+# which assumes unit-scale weights (T5); with LLaMA's normal(0, 0.02) init it
+# makes steps about 50x smaller than AdamW's.
+# Fine-tuning: the APOLLO paper's Table 12 (commonsense fine-tuning of
+# Llama-3.2-1B): rank 32, APOLLO-Mini rank 1 and scale 128, APOLLO scale 5,
+# lr 3e-4 for the APOLLO family and GaLore, 2e-5 for AdamW (the paper sweeps
+# 2e-5..5e-5); Adafactor (not in the paper) at AdamW's lr.
+RECIPES: Final[dict[str, Recipe]] = {
+    "adamw": _recipe(_build_adamw, OptimizerDefaults(learning_rate=1e-3),
+                     learning_rate=2e-5),
+    "apollo": _recipe(
+        _build_apollo, OptimizerDefaults(
+            learning_rate=1e-2, has_rank=True, scale=1.0, eps=1e-6,
+            scale_types=SCALE_TYPES),
+        learning_rate=3e-4, rank=32, scale=5.0),
+    "apollo_mini": _recipe(
+        _build_apollo_mini, OptimizerDefaults(
+            learning_rate=1e-2, rank=1, scale=128.0, eps=1e-6,
+            scale_types=("tensor",)),
+        learning_rate=3e-4),
+    "galore": _recipe(
+        _build_galore, OptimizerDefaults(learning_rate=1e-2, has_rank=True,
+                                         scale=0.25),
+        learning_rate=3e-4, rank=32),
+    "adafactor": _recipe(_build_adafactor,
+                         OptimizerDefaults(learning_rate=1e-3),
+                         has_first_moment=False, learning_rate=2e-5),
+}
+"""Every optimizer of ``apollo_lm``: adding one is one entry here."""
+
+OPTIMIZER_NAMES: Final[tuple[str, ...]] = tuple(RECIPES)
+APOLLO_NAMES: Final[tuple[str, ...]] = tuple(
+    name for name, recipe in RECIPES.items() if recipe.pretrain.is_apollo)
+
+
+def check_name(name: str, flag: str = "optimizer") -> None:
+  """Raises a :class:`ConfigError` for ``flag`` unless ``name`` is known."""
+  if name not in RECIPES:
+    raise ConfigError(flag, f"unknown optimizer {name!r}; allowed: "
+                      f"{', '.join(OPTIMIZER_NAMES)}.")
+
+
+def _check_options(name: str, d: OptimizerDefaults, *, rank: int | None,
+                   scale: float | None, scale_type: str | None,
+                   projection: str | None, limiter: bool) -> None:
+  """Raises a :class:`ConfigError` for an option ``name`` does not take."""
+  for option, value, allowed in (("scale_type", scale_type, SCALE_TYPES),
+                                 ("projection", projection, PROJECTIONS)):
+    if value is None:
+      continue
+    if not d.is_apollo:
+      raise ConfigError(option, f"{name!r} has no {option} (only "
+                        f"{' and '.join(APOLLO_NAMES)} do).")
+    if value not in allowed:
+      raise ConfigError(option, f"unknown value {value!r}; allowed: "
+                        f"{', '.join(allowed)}.")
+  if scale_type is not None and scale_type not in d.scale_types:
+    raise ConfigError(
+        "scale_type", f"{name} is {d.scale_types[0]}-wise by definition, got "
+        f"{scale_type!r}; for channel-wise rank 1 use optimizer 'apollo' "
+        "with rank 1.")
+  if not limiter and not d.is_apollo:
+    raise ConfigError(
+        "limiter", f"{name!r} has no norm-growth limiter to turn off (only "
+        f"{' and '.join(APOLLO_NAMES)} do).")
+  if rank is not None and not d.has_rank:
+    raise ConfigError(
+        "rank", f"{name!r} has no rank to set (only "
+        f"{' and '.join(n for n, r in RECIPES.items() if r.pretrain.has_rank)}"
+        " do; apollo_mini is rank 1).")
+  if scale is not None and d.scale is None:
+    raise ConfigError("scale", f"{name!r} has no scale to set.")
+
+
+def resolve_hparams(name: str, config: LlamaConfig, *,
+                    learning_rate: float | None = None,
+                    rank: int | None = None,
+                    scale: float | None = None,
+                    scale_type: str | None = None,
+                    projection: str | None = None,
+                    limiter: bool = True) -> dict[str, Any]:
+  """The hyper-parameters ``name`` gets for ``config``, overrides applied.
+
+  Args:
+    name: One of :data:`OPTIMIZER_NAMES`; its pre-training defaults
+      (:data:`RECIPES`) fill what is None.
+    config: The model config; its ``hidden_size`` sets the default rank.
+    learning_rate: Peak learning rate; None for the default.
+    rank: Projection rank; None for :func:`default_rank`.
+    scale: APOLLO/GaLore scale; None for the default.
+    scale_type: APOLLO's scaling granularity, ``"channel"`` or ``"tensor"``;
+      None for the default (channel for apollo, tensor for apollo_mini).
+    projection: APOLLO's projection, ``"gaussian"``, ``"rademacher"`` (the
+      fast path's ±1/√r signs, issue 12) or ``"svd"``; None for
+      ``"gaussian"``.
+    limiter: APOLLO's norm-growth limiter (gamma 1.01) on or off.
+
+  Returns:
+    A JSON-serialisable dict with ``learning_rate``, ``rank``, ``scale``,
+    ``b1``, ``b2``, ``eps``, ``update_proj_gap``, ``scale_type``,
+    ``projection`` and ``limiter`` (None where they do not apply), for logs
+    and summaries.
+
+  Raises:
+    ConfigError: unknown ``name``, or a rank/scale/APOLLO option for an
+      optimizer without it; the message names the option.
+  """
+  check_name(name)
+  d = RECIPES[name].pretrain
+  _check_options(name, d, rank=rank, scale=scale, scale_type=scale_type,
+                 projection=projection, limiter=limiter)
+  if not d.has_rank:
+    rank = d.rank
+  elif rank is None:
+    rank = d.rank if d.rank is not None else default_rank(config.hidden_size)
+  if d.is_apollo:
+    scale_type = scale_type or d.scale_types[0]
+    projection = projection or PROJECTIONS[0]
+  return dict(
+      learning_rate=d.learning_rate if learning_rate is None else learning_rate,
+      rank=rank, scale=d.scale if scale is None else scale,
+      b1=d.b1, b2=d.b2, eps=d.eps, update_proj_gap=d.update_proj_gap,
+      scale_type=scale_type, projection=projection,
+      limiter=limiter if d.is_apollo else None)
+
+
+def _check_build_options(name: str, recipe: Recipe, *, learning_rate: Any,
+                         non_lowrank_lr: float | None, projection_dtype: Any,
+                         mu_dtype: Any) -> None:
+  if non_lowrank_lr is not None:
+    if callable(learning_rate):
+      raise ConfigError(
+          "non_lowrank_lr", "needs a float learning_rate (or None), not a "
+          "schedule, to put the other leaves on the same schedule.")
+    if not non_lowrank_lr > 0:
+      raise ConfigError("non_lowrank_lr", f"must be > 0, got {non_lowrank_lr}.")
+  if projection_dtype is not None and not recipe.pretrain.is_apollo:
+    raise ConfigError("projection_dtype", f"{name!r} has no projection (only "
+                      f"{' and '.join(APOLLO_NAMES)} do).")
+  if mu_dtype is not None and not recipe.has_first_moment:
+    raise ConfigError("mu_dtype", f"{name} has no first moment (no "
+                      "momentum) whose dtype could be set.")
+
+
 def make_optimizer(
     name: str,
     *,
@@ -352,84 +516,31 @@ def make_optimizer(
     ConfigError: unknown ``name``, bad warm-up, or a rank/scale that the
       optimizer does not take.
   """
-  peak = None if callable(learning_rate) else learning_rate
-  if non_lowrank_lr is not None:
-    if callable(learning_rate):
-      raise ConfigError(
-          "non_lowrank_lr", "needs a float learning_rate (or None), not a "
-          "schedule, to put the other leaves on the same schedule.")
-    if not non_lowrank_lr > 0:
-      raise ConfigError("non_lowrank_lr", f"must be > 0, got {non_lowrank_lr}.")
-  if projection_dtype is not None and name not in APOLLO_NAMES:
-    raise ConfigError("projection_dtype", f"{name!r} has no projection (only "
-                      f"{' and '.join(APOLLO_NAMES)} do).")
-  hparams = resolve_hparams(name, config, learning_rate=peak, rank=rank,
-                       scale=scale, scale_type=scale_type,
-                       projection=projection, limiter=limiter)
+  check_name(name)
+  recipe = RECIPES[name]
+  _check_build_options(name, recipe, learning_rate=learning_rate,
+                       non_lowrank_lr=non_lowrank_lr,
+                       projection_dtype=projection_dtype, mu_dtype=mu_dtype)
+  hparams = resolve_hparams(
+      name, config, learning_rate=None if callable(learning_rate)
+      else learning_rate, rank=rank, scale=scale, scale_type=scale_type,
+      projection=projection, limiter=limiter)
   schedule = (learning_rate if callable(learning_rate)
               else make_schedule(hparams["learning_rate"], total_steps,
                                  warmup_steps))
-  if mu_dtype is not None and name == "adafactor":
-    raise ConfigError("mu_dtype", "adafactor has no first moment (no "
-                      "momentum) whose dtype could be set.")
-  common = dict(b1=hparams["b1"], b2=hparams["b2"], eps=hparams["eps"],
-                mu_dtype=mu_dtype)
-  apollo_common = dict(
-      common, weight_decay=weight_decay, weight_decay_mask=decay_mask,
-      update_proj_gap=hparams["update_proj_gap"], seed=seed,
-      scale=hparams["scale"],
-      projection=hparams["projection"], projection_dtype=projection_dtype,
-      adam_learning_rate=(
-          None if non_lowrank_lr is None
-          else make_schedule(non_lowrank_lr, total_steps, warmup_steps)),
-      **({} if limiter else {"norm_growth_limit": None}))
-  if name == "adamw":
-    tx = optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask,
-                     **common)
-  elif name == "apollo":
-    tx = apollo_optax.apollo(schedule, hparams["rank"],
-                             scale_type=hparams["scale_type"], **apollo_common)
-  elif name == "apollo_mini":
-    tx = apollo_optax.apollo_mini(schedule, scale_front=True, **apollo_common)
-  elif name == "galore":
-    tx = per_layer(
-        contrib.galore(
-            schedule, rank=hparams["rank"],
-            update_proj_gap=hparams["update_proj_gap"],
-            scale=hparams["scale"],
-            base_optimizer=optax.scale_by_adam(**common),
-            weight_decay=weight_decay, mask=decay_mask,
-            weight_dimension_numbers=galore_dimension_numbers),
-        apollo_optax.default_lowrank_mask)
-  else:  # adafactor
-    tx = optax.adafactor(schedule, multiply_by_parameter_scale=False,
-                         weight_decay_rate=weight_decay or None,
-                         weight_decay_mask=decay_mask)
-  if non_lowrank_lr is not None and name not in APOLLO_NAMES:
-    # apollo/apollo_mini take it as their own `adam_learning_rate` (above);
-    # the others have no such split, so their final updates are scaled.
+  adam_schedule = (None if non_lowrank_lr is None
+                   else make_schedule(non_lowrank_lr, total_steps,
+                                      warmup_steps))
+  tx = recipe.build(BuildArgs(schedule, hparams, weight_decay, seed,
+                              mu_dtype, projection_dtype, adam_schedule))
+  if non_lowrank_lr is not None and not recipe.pretrain.is_apollo:
+    # APOLLO takes it as its own `adam_learning_rate` (`adam_schedule`); the
+    # others have no such split, so their final updates are scaled.
     tx = optax.chain(tx, _scale_non_lowrank(
         non_lowrank_lr / hparams["learning_rate"]))
   if grad_clip is not None:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
   return tx
-
-
-def _scale_non_lowrank(factor: float) -> optax.GradientTransformation:
-  """Multiplies the final updates of the non-low-rank leaves by ``factor``.
-
-  The schedule is multiplicative, so this is the same schedule with its peak
-  times ``factor`` (decoupled weight decay included, as in a per-group lr).
-  """
-
-  def update_fn(updates, state, params=None):
-    del params
-    mask = apollo_optax.default_lowrank_mask(updates)
-    return jax.tree.map(lambda u, is_lowrank: u if is_lowrank else u * factor,
-                        updates, mask), state
-
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
-
 
 
 # ---------------------------------------------------------------------------

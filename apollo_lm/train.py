@@ -75,6 +75,7 @@ from apollo_lm import runtime
 from apollo_lm import sharding as sharding_lib
 from apollo_lm import steps
 from apollo_lm import tokenizer as tokenizer_lib
+from apollo_lm.batch import Batch
 from apollo_lm.run_config import resume_mismatches
 from apollo_lm.run_config import TrainConfig
 from apollo_lm.errors import ConfigError
@@ -94,7 +95,7 @@ class RunData:
   """Where batches come from: resumable train batches, fixed eval batches."""
 
   train: data_lib.TrainBatches
-  eval_batches: list[data_lib.Batch]
+  eval_batches: list[Batch]
   vocab_size: int
   description: str
 
@@ -227,7 +228,7 @@ def _make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return train_step, eval_step
 
 
-def evaluate(eval_step, params, batches: Sequence[data_lib.Batch],
+def evaluate(eval_step, params, batches: Sequence[Batch],
              geometry: geometry_lib.Geometry) -> float:
   """Held-out loss: the token-weighted mean of the batches' mean losses.
 

@@ -199,14 +199,15 @@ def make_tx(name: str, config: LlamaConfig, *, mu_dtype: Any = None,
   """
   if name == "sgd_momentum":
     return optax.sgd(1e-3, momentum=0.9)
-  if apollo_options and name not in ("apollo", "apollo_mini"):
+  if apollo_options and name not in optimizers.APOLLO_NAMES:
     raise ValueError(f"apollo_options {sorted(apollo_options)} are only for"
                      f" 'apollo' and 'apollo_mini', got {name!r}.")
+  lr = optimizers.RECIPES[name].pretrain.learning_rate
   if (mu_dtype is not None or apollo_options) and name == "apollo":
     rank = optimizers.default_rank(config.hidden_size)
-    return apollo_optax.apollo(1e-2, rank, mu_dtype=mu_dtype, **apollo_options)
+    return apollo_optax.apollo(lr, rank, mu_dtype=mu_dtype, **apollo_options)
   if (mu_dtype is not None or apollo_options) and name == "apollo_mini":
-    return apollo_optax.apollo_mini(1e-2, mu_dtype=mu_dtype, **apollo_options)
+    return apollo_optax.apollo_mini(lr, mu_dtype=mu_dtype, **apollo_options)
   return optimizers.make_optimizer(name, total_steps=1000, warmup_steps=100,
                                    config=config)
 

@@ -298,7 +298,8 @@ def test_batches_shapes_and_shift(batch_size, seq_len):
   batches = data.TokenBatches(arange_tokens(50, seq_len), batch_size, seq_len, seed=3)
   assert batches.num_windows == 50 and batches.steps_per_epoch == 50 // batch_size
   for step in range(3):
-    inputs, targets = batches.batch(step)
+    inputs, targets, *unset = batches.batch(step)
+    assert unset == [None, None, None]  # no mask, segments or positions
     assert inputs.shape == targets.shape == (batch_size, seq_len)
     assert inputs.dtype == targets.dtype == np.int32
     np.testing.assert_array_equal(targets, inputs + 1)  # arange stream: shift by one
@@ -339,7 +340,7 @@ def test_resume_gives_identical_batches(corpus, step):
     np.testing.assert_array_equal(got[1], expected[1])
     if step < 10:
       np.testing.assert_array_equal(next(stream)[0], expected[0])
-  inputs, targets = expected
+  inputs, targets = expected.inputs, expected.targets
   np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
 
 
@@ -380,7 +381,7 @@ def test_eval_batches_fixed_and_spread(corpus):
   batches = corpus.eval_batches(2, 4, 16)
   again = data.eval_batches(np.array(corpus.eval_tokens), 2, 4, 16)
   assert len(batches) == 2
-  for (x, y), (x2, y2) in zip(batches, again):
+  for (x, y, *_), (x2, y2, *_) in zip(batches, again):
     assert x.shape == y.shape == (4, 16) and x.dtype == np.int32
     np.testing.assert_array_equal(x, x2)
     np.testing.assert_array_equal(y, y2)

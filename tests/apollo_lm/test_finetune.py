@@ -242,12 +242,15 @@ def test_errors_name_the_flag(checkpoint, sft_file, tmp_path, args, message):
 
 def test_defaults_are_the_papers_fine_tuning_recipe(checkpoint, sft_file):
   from apollo_lm import finetune
-  for name, expected in finetune.FINETUNE_DEFAULTS.items():
+  # The paper's Table 12 (see apollo_lm.optimizers.RECIPES).
+  table = {"adamw": (2e-5, None, None), "apollo": (3e-4, 32, 5.0),
+           "apollo_mini": (3e-4, None, 128.0), "galore": (3e-4, 32, 0.25),
+           "adafactor": (2e-5, None, None)}
+  assert set(table) == set(optimizers.RECIPES)
+  for name, expected in table.items():
     config = finetune.FinetuneConfig(checkpoint=str(checkpoint),
                                      data=(str(sft_file),), optimizer=name)
-    assert config.lr == expected["learning_rate"]
-    assert config.rank == expected.get("rank")
-    assert config.scale == expected.get("scale")
+    assert (config.lr, config.rank, config.scale) == expected
     assert config.warmup == 100  # min(100, 10% of the default 1000 steps)
   schedule = finetune.linear_schedule(3e-4, 1000, 100)
   np.testing.assert_allclose([schedule(0), schedule(50), schedule(100),

@@ -136,7 +136,7 @@ def test_q_apollo_mini_trains_like_apollo_mini(tmp_path, monkeypatch):
                               dtype=jnp.float32, max_seq_len=64)
   graphdef, params = _params(config)
   num_steps, batches = 60, corpus.batches(8, 64, seed=0)
-  evals = [steps.Batch(x, y) for x, y in corpus.eval_batches(4, 8, 64)]
+  evals = corpus.eval_batches(4, 8, 64)
   eval_step = steps.make_eval_step(graphdef)
 
   @jax.jit
@@ -158,8 +158,8 @@ def test_q_apollo_mini_trains_like_apollo_mini(tmp_path, monkeypatch):
                    donate_argnums=(0, 1))
     start = float(eval_loss(p))
     for i in range(num_steps):
-      p, state, _ = step(p, state, steps.Batch(*map(jnp.asarray,
-                                                    batches.batch(i))))
+      p, state, _ = step(p, state, jax.tree.map(jnp.asarray,
+                                                batches.batch(i)))
     return start, float(eval_loss(p)), p
 
   start_q, end_q, pq = train(True)
