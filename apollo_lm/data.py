@@ -13,9 +13,8 @@ Two corpora feed the same kind of batches:
   with Hugging Face ``datasets`` (an optional dependency) or read from local
   ``*.json.gz`` files in the same format, tokenized on the fly.
 
-Batches are :class:`apollo_lm.batch.Batch` es of ``inputs`` and ``targets``, int32
-arrays of shape ``(batch, seq_len)``
-cut from windows of ``seq_len + 1`` consecutive tokens, ``targets`` being
+Batches (:class:`apollo_lm.batch.Batch`) hold ``inputs`` and ``targets``,
+int32 arrays of shape ``(batch, seq_len)`` cut from windows of ``seq_len + 1`` consecutive tokens, ``targets`` being
 ``inputs`` shifted by one. For ``TokenBatches`` the batch at a step is a pure
 function of ``(seed, step)``, so a checkpoint needs to store only the step to
 resume exactly; with several processes (hosts) each one gets its own rows of
@@ -473,21 +472,8 @@ def _build(
   at the end, so concurrent builders (test workers, hosts sharing a disk)
   never see a partial cache: the first rename wins, the others are dropped.
   """
-
-  def read(files: Sequence[SourceFile]) -> tuple[list[pathlib.Path], list[str]]:
-    kept, texts = [], []
-    for file in files:
-      try:
-        texts.append(read_text(file.path))
-      except ValueError:
-        if not skip_undecodable:
-          raise
-        continue
-      kept.append(file.path)
-    return kept, texts
-
-  train_paths, train_texts = read(train)
-  eval_paths, eval_texts = read(held_out)
+  train_paths, train_texts = _read_sources(train, skip_undecodable)
+  eval_paths, eval_texts = _read_sources(held_out, skip_undecodable)
   if by_documents:
     train_texts, eval_texts = split_documents(
         [(f.key, t) for f, t in zip(train, train_texts)])
@@ -517,7 +503,28 @@ def _build(
       "eval_files": [str(p) for p in eval_paths],
       "description": description,
   }
+  _write_corpus(corpus_dir, tokenizer, train_tokens, eval_tokens, meta)
 
+
+def _read_sources(files: Sequence[SourceFile], skip_undecodable: bool
+                  ) -> tuple[list[pathlib.Path], list[str]]:
+  """The paths and texts of ``files`` (undecodable ones skipped if asked)."""
+  kept, texts = [], []
+  for file in files:
+    try:
+      texts.append(read_text(file.path))
+    except ValueError:
+      if not skip_undecodable:
+        raise
+      continue
+    kept.append(file.path)
+  return kept, texts
+
+
+def _write_corpus(corpus_dir: pathlib.Path, tokenizer: tokenizers.Tokenizer,
+                  train_tokens: np.ndarray, eval_tokens: np.ndarray,
+                  meta: dict[str, Any]) -> None:
+  """Writes a temporary sibling of ``corpus_dir`` and renames it into place."""
   corpus_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=corpus_dir.name + ".", dir=corpus_dir.parent))
   try:

@@ -118,6 +118,28 @@ def state_memory(name: str, config: configs.LlamaConfig) -> dict[str, int]:
           "state_bytes_7b": state_bytes(configs.get_config("7b"), False)}
 
 
+def _table(runs: dict[str, dict[str, Any]], unigram: float) -> str:
+  """The printed results table."""
+  header = (f"{'optimizer':<12} {'eval loss':>9} {'ppl':>8} "
+            f"{'state bytes':>12} {'low-rank leaves':>15} {'7B state':>9} "
+            f"{'tokens/s':>9} {'steps':>6}")
+  lines = [header, "-" * len(header)]
+  for name, r in runs.items():
+    lines.append(f"{name:<12} {r['eval_loss']:>9.4f} {r['eval_ppl']:>8.2f} "
+                 f"{r['state_bytes']:>12,} {r['lowrank_state_bytes']:>15,} "
+                 f"{r['state_bytes_7b'] / 1e9:>7.2f}GB "
+                 f"{r['tokens_per_s']:>9.0f} {r['steps']:>6}")
+  lines.append("low-rank leaves: the optimizer state of the attention and MLP "
+               "kernels alone (the\nsame leaves for every optimizer); 7B "
+               "state: the whole optimizer state at LLaMA-7B\nshapes "
+               "(float32, jax.eval_shape). The tiny model's embedding and "
+               "head, on AdamW\nin every optimizer, are most of its "
+               "parameters, hence the small gap in 'state bytes'.")
+  lines.append(f"unigram baseline: {unigram:.4f} nats "
+               f"(ppl {math.exp(unigram):.1f})")
+  return "\n".join(lines)
+
+
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the demo; returns the summary that is also written as JSON."""
   args = build_parser().parse_args(argv)
@@ -148,24 +170,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  **state_memory(name, tiny),
                  "tokens_per_s": r.tokens_per_s, "steps": r.step}
           for name, r in results.items()}
-  header = (f"{'optimizer':<12} {'eval loss':>9} {'ppl':>8} "
-            f"{'state bytes':>12} {'low-rank leaves':>15} {'7B state':>9} "
-            f"{'tokens/s':>9} {'steps':>6}")
-  lines = [header, "-" * len(header)]
-  for name, r in runs.items():
-    lines.append(f"{name:<12} {r['eval_loss']:>9.4f} {r['eval_ppl']:>8.2f} "
-                 f"{r['state_bytes']:>12,} {r['lowrank_state_bytes']:>15,} "
-                 f"{r['state_bytes_7b'] / 1e9:>7.2f}GB "
-                 f"{r['tokens_per_s']:>9.0f} {r['steps']:>6}")
-  lines.append("low-rank leaves: the optimizer state of the attention and MLP "
-               "kernels alone (the\nsame leaves for every optimizer); 7B "
-               "state: the whole optimizer state at LLaMA-7B\nshapes "
-               "(float32, jax.eval_shape). The tiny model's embedding and "
-               "head, on AdamW\nin every optimizer, are most of its "
-               "parameters, hence the small gap in 'state bytes'.")
-  lines.append(f"unigram baseline: {unigram:.4f} nats "
-               f"(ppl {math.exp(unigram):.1f})")
-  print("\n".join(lines))
+  print(_table(runs, unigram))
 
   _plot(results, unigram, out / "loss_curves.png")
   first = next(iter(results.values()))

@@ -224,27 +224,15 @@ def make_step(config: LlamaConfig, tx: optax.GradientTransformation,
   abstract = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
   embed_def = nnx.graphdef(abstract.embed)
   block_def = nnx.graphdef(abstract.layers)
-  norm_def = nnx.graphdef(abstract.final_norm)
   tied = config.tie_embeddings
-  head_def = None if tied else nnx.graphdef(abstract.lm_head)
+  head_loss = _head_loss(config, abstract, loss)
   tx = optax.with_extra_args_support(tx)
-  num_layers = config.num_layers
 
   def as_float(layer):
     return apollo_optax.dequantize_params(layer, config.param_dtype)
 
   def block(weights, x, mask, positions):
     return nnx.merge(block_def, weights)(x, positions=positions, mask=mask)
-
-  def head_loss(head, embed, x, batch):
-    norm = nnx.merge(norm_def, head["final_norm"])
-    if tied:
-      embedding = nnx.merge(embed_def, embed["embed"]).embedding[...]
-      logits = model_lib.tied_logits(norm(x), embedding, config.dtype)
-    else:
-      lm_head = nnx.merge(head_def, head["lm_head"])
-      logits = lm_head(norm(x)).astype(jnp.float32)
-    return loss(logits, batch)
 
   def update(grads, state, params, **extra):
     updates, state = tx.update(grads, state, params, **extra)
@@ -260,40 +248,22 @@ def make_step(config: LlamaConfig, tx: optax.GradientTransformation,
     # Packed rows (fine-tuning): the model's segment mask and positions.
     mask, positions = model_lib.packing_inputs(batch.segment_ids,
                                                batch.positions)
+    layer_fn = lambda w, x: block(w, x, mask, positions)
 
     def forward(x, layer):
-      return block(as_float(layer), x, mask, positions), x
+      return layer_fn(as_float(layer), x), x
 
     x_last, saved = jax.lax.scan(forward, x0, layers["layers"])
 
     # 2. Head: loss, gradient, update.
-    if tied:
-      loss_value, head_vjp = jax.vjp(
-          lambda h, e, x: head_loss(h, e, x, batch), head, embed, x_last)
-      head_grads, embed_head_grads, dx = head_vjp(jnp.ones_like(loss_value))
-    else:
-      loss_value, head_vjp = jax.vjp(
-          lambda h, x: head_loss(h, None, x, batch), head, x_last)
-      head_grads, dx = head_vjp(jnp.ones_like(loss_value))
+    loss_value, head_grads, embed_head_grads, dx = _head_grads(
+        head_loss, tied, head, embed, x_last, batch)
     head, head_state = update(head_grads, opt_state.head, head)
 
     # 3. Blocks, last to first: recompute, VJP, update layer l in place.
-    def backward(i, carry):
-      stack, state_stack, dx = carry
-      l = num_layers - 1 - i
-      layer = {"layers": _tree_index(stack, l)}
-      _, block_vjp = jax.vjp(lambda w, x: block(w, x, mask, positions),
-                             as_float(layer["layers"]),
-                             _tree_index(saved, l))
-      grads, dx = block_vjp(dx)
-      layer, layer_state = update(
-          {"layers": grads}, _tree_index(state_stack, l), layer,
-          matrix_index_offset=l)
-      return (_tree_set(stack, layer["layers"], l),
-              _tree_set(state_stack, layer_state, l), dx)
-
-    stack, layers_state, dx = jax.lax.fori_loop(
-        0, num_layers, backward, (layers["layers"], opt_state.layers, dx))
+    stack, layers_state, dx = _backward_blocks(
+        layer_fn, update, as_float, config.num_layers, layers["layers"],
+        opt_state.layers, saved, dx)
 
     # 4. Embedding.
     (embed_grads,) = embed_vjp(dx)
@@ -306,3 +276,63 @@ def make_step(config: LlamaConfig, tx: optax.GradientTransformation,
                                       head_state), loss_value
 
   return step
+
+
+def _head_loss(config: LlamaConfig, abstract: Any,
+               loss: Callable[[jax.Array, Any], jax.Array]) -> Callable:
+  """``head_loss(head, embed, x, batch)``: final norm, head (or the tied
+  embedding) and ``loss`` on the last block's output ``x``."""
+  embed_def = nnx.graphdef(abstract.embed)
+  norm_def = nnx.graphdef(abstract.final_norm)
+  head_def = None if config.tie_embeddings else nnx.graphdef(abstract.lm_head)
+
+  def head_loss(head, embed, x, batch):
+    norm = nnx.merge(norm_def, head["final_norm"])
+    if config.tie_embeddings:
+      embedding = nnx.merge(embed_def, embed["embed"]).embedding[...]
+      logits = model_lib.tied_logits(norm(x), embedding, config.dtype)
+    else:
+      lm_head = nnx.merge(head_def, head["lm_head"])
+      logits = lm_head(norm(x)).astype(jnp.float32)
+    return loss(logits, batch)
+
+  return head_loss
+
+
+def _head_grads(head_loss: Callable, tied: bool, head: Any, embed: Any,
+                x_last: jax.Array, batch: Any) -> tuple[Any, Any, Any, Any]:
+  """(loss, head gradient, tied embedding's gradient or None, d loss / dx)."""
+  if tied:
+    loss_value, head_vjp = jax.vjp(
+        lambda h, e, x: head_loss(h, e, x, batch), head, embed, x_last)
+    head_grads, embed_head_grads, dx = head_vjp(jnp.ones_like(loss_value))
+    return loss_value, head_grads, embed_head_grads, dx
+  loss_value, head_vjp = jax.vjp(
+      lambda h, x: head_loss(h, None, x, batch), head, x_last)
+  head_grads, dx = head_vjp(jnp.ones_like(loss_value))
+  return loss_value, head_grads, None, dx
+
+
+def _backward_blocks(layer_fn: Callable, update: Callable, as_float: Callable,
+                     num_layers: int, stack: Any, state_stack: Any,
+                     saved: jax.Array, dx: jax.Array) -> tuple[Any, Any, Any]:
+  """Blocks from last to first: recompute, VJP, update layer ``l`` in place.
+
+  Returns the updated weight stack, optimizer-state stack and the gradient
+  of the first block's input.
+  """
+
+  def backward(i, carry):
+    stack, state_stack, dx = carry
+    l = num_layers - 1 - i
+    layer = {"layers": _tree_index(stack, l)}
+    _, block_vjp = jax.vjp(layer_fn, as_float(layer["layers"]),
+                           _tree_index(saved, l))
+    grads, dx = block_vjp(dx)
+    layer, layer_state = update(
+        {"layers": grads}, _tree_index(state_stack, l), layer,
+        matrix_index_offset=l)
+    return (_tree_set(stack, layer["layers"], l),
+            _tree_set(state_stack, layer_state, l), dx)
+
+  return jax.lax.fori_loop(0, num_layers, backward, (stack, state_stack, dx))

@@ -287,9 +287,13 @@ class TrainConfig:
     Raises:
       ConfigError: naming the option's flag, its value and what is allowed.
     """
+    self._check_values()
+    self._check_combinations()
+
+  def _check_values(self) -> None:
+    """Each option alone: names, types and ranges."""
     # The options sit below the training code they configure: its checks
     # are imported when a config is built, not when this module is.
-    from apollo_lm import layerwise  # pylint: disable=g-import-not-at-top
     from apollo_lm import optimizers  # pylint: disable=g-import-not-at-top
     if self.model not in configs.CONFIG_NAMES:
       raise ConfigError("--config", f"unknown config {self.model!r}; "
@@ -318,6 +322,12 @@ class TrainConfig:
                         f"must be >= 0, got {self.weight_decay}.")
     if self.warmup_steps is not None:
       _check_int("--warmup-steps", self.warmup_steps, minimum=0)
+    self.model_overrides()
+
+  def _check_combinations(self) -> None:
+    """Options that depend on each other or on the optimizer."""
+    from apollo_lm import layerwise  # pylint: disable=g-import-not-at-top
+    from apollo_lm import optimizers  # pylint: disable=g-import-not-at-top
     if not 0 <= self.warmup < self.steps:
       raise ConfigError("--warmup-steps", f"must be in [0, --steps="
                         f"{self.steps}), got {self.warmup}.")
@@ -340,7 +350,6 @@ class TrainConfig:
           raise ConfigError("--c4-files", f"{path}: no such file.")
     elif self.c4_files or self.c4_eval_files:
       raise ConfigError("--c4-files", "needs --c4.")
-    self.model_overrides()
     try:
       optimizers.resolve_hparams(
           self.optimizer, configs.get_config("tiny"), learning_rate=self.lr,

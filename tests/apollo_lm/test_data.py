@@ -387,7 +387,7 @@ def test_eval_batches_fixed_and_spread(corpus):
     np.testing.assert_array_equal(y, y2)
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
   firsts = data.eval_batches(arange_tokens(100, 4), 2, 4, 4)
-  starts = np.concatenate([x[:, 0] // 5 for x, _ in firsts])
+  starts = np.concatenate([b.inputs[:, 0] // 5 for b in firsts])
   np.testing.assert_array_equal(starts, [0, 12, 25, 37, 50, 62, 75, 87])
   halves = [data.eval_batches(arange_tokens(100, 4), 2, 4, 4, process_index=i,
                               process_count=2) for i in range(2)]
