@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures bench-finetune clean
+.PHONY: setup test test-fast demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures bench-finetune clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+# Library and unit tests only: no end-to-end runs (tests marked `slow`: the
+# training loop, fine-tuning runs, examples, benchmark mains).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) -m apollo_lm.demo

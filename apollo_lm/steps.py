@@ -35,7 +35,6 @@ import optax
 
 import apollo_optax
 from apollo_lm import layerwise
-from apollo_lm import model as model_lib
 from apollo_lm.batch import Batch
 from apollo_lm.configs import LlamaConfig
 

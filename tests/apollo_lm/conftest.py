@@ -1,11 +1,15 @@
-"""Fixtures of the ``apollo_lm`` tests: a small corpus and small runs.
+"""Fixtures of the ``apollo_lm`` tests: a small model, a small corpus, runs.
 
+The model is :func:`small_config` (two layers of width 32, compiled in about
+a second), its parameters come from :func:`init_params` (one jitted init).
 The corpus is the standard library's ``email`` package copied into a
 temporary directory (about 240k tokens at a 320-token vocabulary, built in
-about a second); the model is the ``tiny`` config shrunk to two layers of
-width 32, so each run compiles in seconds on a CPU.
+about a second); runs use the ``tiny`` config shrunk to the same width.
+Test modules import the helpers: ``from tests.apollo_lm.conftest import
+small_config, init_params``.
 """
 
+import dataclasses
 import functools
 import pathlib
 import shutil
@@ -13,9 +17,38 @@ import sysconfig
 from collections.abc import Callable
 from typing import Any
 
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import pytest
 
+from apollo_lm import configs
 from apollo_lm import data as data_lib
+from apollo_lm import model as model_lib
+
+SMALL_CONFIG = configs.LlamaConfig(
+    name="test", hidden_size=32, intermediate_size=64, num_heads=4,
+    num_layers=2, vocab_size=64, max_seq_len=32, dtype=jnp.float32)
+"""The small test model; every dimension divides the fsdp=4 / tensor=2 mesh."""
+
+
+def small_config(**changes: Any) -> configs.LlamaConfig:
+  """:data:`SMALL_CONFIG` with ``changes`` (LlamaConfig fields)."""
+  return dataclasses.replace(SMALL_CONFIG, **changes)
+
+
+def init_params(config: configs.LlamaConfig, seed: int = 0
+                ) -> tuple[nnx.GraphDef, Any]:
+  """(graphdef, plain-dict params) of a Llama, initialised in one jit."""
+  abstract = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def init():
+    model = model_lib.Llama(config, rngs=nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+  return nnx.graphdef(abstract), init()
+
 
 SMALL_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                "num_layers": 2}

@@ -8,6 +8,8 @@ import pytest
 
 import apollo_optax
 from apollo_lm import optimizers
+from tests.apollo_lm.conftest import init_params
+from tests.apollo_lm.conftest import small_config
 
 
 def _params():
@@ -118,18 +120,13 @@ def sft_file(tmp_path_factory):
 def test_layerwise_step_on_packed_rows_matches_ordinary_step(tied):
   """Packed SFT rows (mask, segment ids, positions) through the layer-wise
   step, with a frozen embedding: the ordinary step's updates."""
-  import dataclasses
   import chex
   from flax import nnx
-  from apollo_lm import configs, layerwise, model as model_lib, sft, steps
+  from apollo_lm import layerwise, sft, steps
 
-  config = configs.LlamaConfig(
-      name="test", hidden_size=32, intermediate_size=64, num_heads=4,
-      num_layers=2, vocab_size=300, max_seq_len=16, dtype=jnp.float32,
-      tie_embeddings=tied, num_kv_heads=2)
-  model = model_lib.Llama(config, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(state)
+  config = small_config(vocab_size=300, max_seq_len=16,
+                        tie_embeddings=tied, num_kv_heads=2)
+  graphdef, params = init_params(config)
   rng = np.random.default_rng(0)
   examples = [sft.Example(rng.integers(4, 300, n).astype(np.int32),
                           rng.random(n) < 0.6, i)
@@ -163,6 +160,7 @@ def _run(checkpoint, sft_file, tmp_path, *extra):
   return config, finetune.finetune(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer, extra", [
     ("apollo_mini", ["--lr", "1e-2"]),
     ("adamw", ["--lr", "1e-2", "--layerwise", "--freeze-embedding"]),
@@ -216,6 +214,7 @@ def test_prompt_tokens_get_no_gradient(checkpoint, sft_file):
   assert float(grad(state, third)[0]) != float(l1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     ([], "--checkpoint: a Hugging Face model folder is required"),
     (["--checkpoint", "/nonexistent"], "--checkpoint: /nonexistent: no config.json"),
@@ -258,6 +257,7 @@ def test_defaults_are_the_papers_fine_tuning_recipe(checkpoint, sft_file):
                              [0, 1.5e-4, 3e-4, 1.5e-4, 0], atol=1e-12)
 
 
+@pytest.mark.slow
 def test_finetune_benchmarks_smoke(tmp_path):
   """The memory benchmark compiles one variant of a small model and writes
   its report; the quality benchmark's instruction set is deterministic and

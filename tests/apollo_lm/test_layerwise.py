@@ -18,27 +18,14 @@ from apollo_lm import data
 from apollo_lm import layerwise
 from apollo_lm import model as model_lib
 from apollo_lm import steps
+from tests.apollo_lm.conftest import init_params
+from tests.apollo_lm.conftest import small_config
 
-SMALL = configs.LlamaConfig(
-    name="test", hidden_size=32, intermediate_size=64, num_heads=4,
-    num_layers=2, vocab_size=64, max_seq_len=32, dtype=jnp.float32,
-    remat=True)
+SMALL = small_config(remat=True)
 # Checkpoint-family features: the head is the transposed embedding, q/k/v
 # biases, grouped-query attention.
 TIED = dataclasses.replace(SMALL, tie_embeddings=True, qkv_bias=True,
                            num_kv_heads=2)
-
-
-def _params(config: configs.LlamaConfig, seed: int = 0):
-  """(graphdef, plain-dict params) of a Llama, initialised in one jit."""
-  abstract = nnx.eval_shape(lambda: model_lib.Llama(config, rngs=nnx.Rngs(0)))
-
-  @jax.jit
-  def init():
-    model = model_lib.Llama(config, rngs=nnx.Rngs(seed))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-  return nnx.graphdef(abstract), init()
 
 
 def _ordinary_step(graphdef, tx):
@@ -78,7 +65,7 @@ def test_matrix_index_offset_draws_the_stack_projection():
     ("adamw", SMALL), ("apollo", SMALL), ("apollo_mini", SMALL),
     ("apollo", TIED)])
 def test_layerwise_matches_ordinary_step(name, config):
-  graphdef, params = _params(config)
+  graphdef, params = init_params(config)
   assert ("lm_head" in params) == (not config.tie_embeddings)
   schedule = optax.linear_schedule(1e-2, 5e-3, 4)
   tx = {
@@ -134,7 +121,7 @@ def test_q_apollo_mini_trains_like_apollo_mini(tmp_path, monkeypatch):
   corpus = _corpus(tmp_path, monkeypatch)
   config = configs.get_config("tiny", vocab_size=corpus.vocab_size,
                               dtype=jnp.float32, max_seq_len=64)
-  graphdef, params = _params(config)
+  graphdef, params = init_params(config)
   num_steps, batches = 60, corpus.batches(8, 64, seed=0)
   evals = corpus.eval_batches(4, 8, 64)
   eval_step = steps.make_eval_step(graphdef)

@@ -17,12 +17,11 @@ from apollo_lm import configs
 from apollo_lm import model as model_lib
 from apollo_lm import sharding
 from apollo_lm import steps
+from tests.apollo_lm.conftest import small_config
 
 # Small enough to compile in about a second; every dimension is divisible by
 # the fsdp=4 / tensor=2 mesh used below.
-SMALL = configs.LlamaConfig(
-    name="test", hidden_size=32, intermediate_size=64, num_heads=4,
-    num_layers=2, vocab_size=64, max_seq_len=32)
+SMALL = small_config(dtype=jnp.bfloat16)
 
 # The gradient tests compute in float32: on CPU, XLA compiles a bfloat16
 # backward pass about three times more slowly. The forward tests use bfloat16.

@@ -1,7 +1,6 @@
 """Tests of ``apollo_lm.optimizers``: names, defaults, schedule, GaLore layout."""
 
 import chex
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,23 +9,21 @@ import pytest
 
 import apollo_optax
 from apollo_lm import configs
-from apollo_lm import model as model_lib
 from apollo_lm import optimizers
 from apollo_lm import steps as steps_lib
+from tests.apollo_lm.conftest import init_params
+from tests.apollo_lm.conftest import small_config
 
 pytestmark = pytest.mark.xdist_group("apollo_lm_optimizers")
 
-CONFIG = configs.get_config(
-    "tiny", hidden_size=32, intermediate_size=64, num_heads=2, num_layers=2,
-    vocab_size=64, max_seq_len=16, dtype=jnp.float32)
+CONFIG = small_config(num_heads=2, max_seq_len=16)
 
 
 @pytest.fixture(scope="module")
 def model_and_batch():
-  model = model_lib.Llama(CONFIG, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model, nnx.Param)
+  graphdef, params = init_params(CONFIG)
   tokens = jax.random.randint(jax.random.key(1), (4, 17), 0, CONFIG.vocab_size)
-  return graphdef, nnx.to_pure_dict(state), tokens
+  return graphdef, params, tokens
 
 
 def _losses(name, model_and_batch, steps=8, **kwargs):

@@ -7,15 +7,13 @@ import numpy as np
 import optax
 import pytest
 
-from apollo_lm import configs
-from apollo_lm import model as model_lib
 from apollo_lm import steps
+from tests.apollo_lm.conftest import init_params
+from tests.apollo_lm.conftest import SMALL_CONFIG
 
 pytestmark = pytest.mark.xdist_group("apollo_lm_steps")
 
-CONFIG = configs.LlamaConfig(
-    name="test", hidden_size=32, intermediate_size=64, num_heads=4,
-    num_layers=2, vocab_size=64, max_seq_len=32, dtype=jnp.float32)
+CONFIG = SMALL_CONFIG
 
 
 def _reference_losses(logits, targets) -> np.ndarray:
@@ -77,10 +75,9 @@ def test_batch_from_tokens_shifts_by_one():
 
 @pytest.fixture(scope="module")
 def model_and_tokens():
-  model = model_lib.Llama(CONFIG, rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model, nnx.Param)
+  graphdef, params = init_params(CONFIG)
   tokens = jax.random.randint(jax.random.key(2), (8, 17), 0, CONFIG.vocab_size)
-  return graphdef, nnx.to_pure_dict(state), tokens
+  return graphdef, params, tokens
 
 
 def _copy(tree):

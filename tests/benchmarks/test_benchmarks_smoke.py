@@ -21,7 +21,7 @@ SCRIPTS = ("memory", "step_memory", "update_speed", "throughput", "quality",
 QUALITY_DATA = ["--data", "apollo_optax", "apollo_lm"]
 # One worker runs the whole module, so the module fixture's six subprocesses
 # start once in `make test` (--dist loadgroup), not once per worker.
-pytestmark = pytest.mark.xdist_group("benchmarks_smoke")
+pytestmark = [pytest.mark.xdist_group("benchmarks_smoke"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

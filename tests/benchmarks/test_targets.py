@@ -216,13 +216,21 @@ def test_accelerator_compile(name, module):
   assert np.all([d.device_kind == target.device_kind for d in devices])
 
 
-def test_missing_runtime_explains_how_to_get_it():
-  for name in ("h100", "tpu_v5p"):
-    reason = targets.missing_runtime(targets.get(name))
-    if reason is not None:
-      assert "make accel-env" in reason
-      with pytest.raises(RuntimeError, match="accel-env"):
-        targets.devices(name, 1)
+@pytest.mark.parametrize("name,module", [("h100", "jax_cuda12_plugin"),
+                                         ("tpu_v5p", "libtpu")])
+def test_missing_runtime_explains_how_to_get_it(monkeypatch, name, module):
+  # The runtime is hidden, so this checks the message whether or not the
+  # accelerator runtimes are installed here.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda m, *a: None if m == module else find_spec(m, *a))
+  reason = targets.missing_runtime(targets.get(name))
+  assert f"the {module} package is missing" in reason
+  assert "make accel-env" in reason
+  with pytest.raises(RuntimeError, match="accel-env"):
+    targets.devices(name, 1)
+  assert targets.missing_runtime(targets.get("cpu")) is None
 
 
 # ------------------------------------------------------------ accel_claims --

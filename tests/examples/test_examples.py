@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("examples")
+pytestmark = [pytest.mark.xdist_group("examples"), pytest.mark.slow]
 
 _EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
