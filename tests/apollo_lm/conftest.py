@@ -9,7 +9,6 @@ Test modules import the helpers: ``from tests.apollo_lm.conftest import
 small_config, init_params``.
 """
 
-import dataclasses
 import functools
 import pathlib
 import shutil
@@ -26,15 +25,21 @@ from apollo_lm import configs
 from apollo_lm import data as data_lib
 from apollo_lm import model as model_lib
 
-SMALL_CONFIG = configs.LlamaConfig(
-    name="test", hidden_size=32, intermediate_size=64, num_heads=4,
-    num_layers=2, vocab_size=64, max_seq_len=32, dtype=jnp.float32)
-"""The small test model; every dimension divides the fsdp=4 / tensor=2 mesh."""
+_SMALL = dict(name="test", hidden_size=32, intermediate_size=64, num_heads=4,
+              num_layers=2, vocab_size=64, max_seq_len=32, dtype=jnp.float32)
 
 
 def small_config(**changes: Any) -> configs.LlamaConfig:
-  """:data:`SMALL_CONFIG` with ``changes`` (LlamaConfig fields)."""
-  return dataclasses.replace(SMALL_CONFIG, **changes)
+  """The small test model with ``changes`` (LlamaConfig fields).
+
+  Built anew (not ``dataclasses.replace``), so derived fields such as
+  ``num_kv_heads`` and ``head_dim`` follow a changed ``num_heads``.
+  """
+  return configs.LlamaConfig(**{**_SMALL, **changes})
+
+
+SMALL_CONFIG = small_config()
+"""The small test model; every dimension divides the fsdp=4 / tensor=2 mesh."""
 
 
 def init_params(config: configs.LlamaConfig, seed: int = 0
