@@ -30,7 +30,8 @@ Data formats (chosen by the file name):
     counts every assistant turn: the text the template adds between the
     generation prompt and the end of that turn (for Llama 3 the content and
     ``<|eot_id|>``). Without a template, the documented plain format
-    ``apollo_lm.chat_template.PLAIN_CHAT_FORMAT`` is used. TRL's conversational prompt-completion
+    ``apollo_lm.chat_template.PLAIN_CHAT_FORMAT`` is used. TRL's
+    conversational prompt-completion
     (``prompt`` and ``completion`` both lists of messages) is rendered the
     same way, counting only the assistant turns of ``completion``.
 
@@ -62,6 +63,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+
 from apollo_lm import chat_template
 from apollo_lm import data as data_lib
 from apollo_lm.tokenizer import CheckpointTokenizer
