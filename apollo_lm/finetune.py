@@ -285,6 +285,8 @@ def make_optimizer(config: FinetuneConfig, llama: configs.LlamaConfig):
   return tx, hparams, schedule
 
 
+_KEPT_CONFIG_KEYS = ("max_position_embeddings", "bos_token_id", "eos_token_id",
+                     "pad_token_id")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "chat_template.jinja",
                     "generation_config.json")
@@ -298,6 +300,12 @@ def save_hf(config: FinetuneConfig, llama: configs.LlamaConfig,
   model = nnx.merge(graphdef, params)
   out = pathlib.Path(config.save_hf)
   hf.save_pretrained(model, llama, out)
+  # Metadata the model config does not hold; the context length is the
+  # checkpoint's, not this run's --seq-len.
+  base = json.loads(pathlib.Path(config.checkpoint, "config.json").read_text())
+  written = json.loads((out / "config.json").read_text())
+  written.update({k: base[k] for k in _KEPT_CONFIG_KEYS if k in base})
+  (out / "config.json").write_text(json.dumps(written, indent=2) + "\n")
   for name in _TOKENIZER_FILES:
     source = pathlib.Path(config.checkpoint, name)
     if source.is_file():

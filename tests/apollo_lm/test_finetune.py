@@ -180,6 +180,9 @@ def test_a_few_steps_reduce_the_completion_loss(checkpoint, sft_file, tmp_path,
   base, _ = hf.load_pretrained(checkpoint)
   for name in ("tokenizer.json", "tokenizer_config.json"):
     assert (tmp_path / "hf" / name).is_file()
+  # The checkpoint's context length (64), not the run's --seq-len (32).
+  saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert saved["max_position_embeddings"] == 64
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a[...]) != np.asarray(b[...]))),
                          nnx_params(tuned), nnx_params(base))
   assert changed["layers"]["attn"]["q_proj"]["kernel"]
