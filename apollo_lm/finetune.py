@@ -211,7 +211,10 @@ def checkpoint_config(config: FinetuneConfig) -> configs.LlamaConfig:
 def load_data(config: FinetuneConfig,
               geometry: geometry_lib.Geometry) -> train_lib.RunData:
   """The SFT data of ``config`` (``data_fn`` of the loop)."""
-  tok = sft.load_tokenizer(config.checkpoint)
+  try:
+    tok = sft.load_tokenizer(config.checkpoint)
+  except (OSError, ValueError) as e:
+    raise ConfigError("--checkpoint", str(e)) from e
   try:
     data = sft.load_sft_data(
         list(config.data), tok, geometry.seq_len,
@@ -241,10 +244,13 @@ def load_data(config: FinetuneConfig,
 def load_model(config: FinetuneConfig, llama: configs.LlamaConfig,
                geometry: geometry_lib.Geometry) -> tuple[nnx.GraphDef, Any]:
   """The checkpoint's weights, sharded (``model_fn`` of the loop)."""
-  model, _ = hf.load_pretrained(
-      config.checkpoint, dtype=llama.param_dtype, compute_dtype=llama.dtype,
-      max_seq_len=llama.max_seq_len, mesh=geometry.mesh, remat=llama.remat,
-      **config.model_overrides())
+  try:
+    model, _ = hf.load_pretrained(
+        config.checkpoint, dtype=llama.param_dtype, compute_dtype=llama.dtype,
+        max_seq_len=llama.max_seq_len, mesh=geometry.mesh, remat=llama.remat,
+        **config.model_overrides())
+  except (OSError, ValueError) as e:
+    raise ConfigError("--checkpoint", str(e)) from e
   graphdef, state = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(state)
   if config.quantize_weights == "int8":

@@ -298,6 +298,7 @@ class _Reader:
     # Lazily imported: an optional dependency (extra `examples`).
     import safetensors  # pylint: disable=g-import-not-at-top
     self._safe_open = safetensors.safe_open
+    self._errors = (OSError, safetensors.SafetensorError)
     if (root / SINGLE_FILE).exists():
       self._files = {root / SINGLE_FILE: None}
       with self._open(root / SINGLE_FILE) as f:
@@ -313,7 +314,13 @@ class _Reader:
 
   def _open(self, file: pathlib.Path):
     # framework="flax": NumPy cannot represent bfloat16 checkpoints.
-    return self._safe_open(str(file), framework="flax", device="cpu")
+    try:
+      return self._safe_open(str(file), framework="flax", device="cpu")
+    except self._errors as e:
+      raise _error(
+          f"{file}: not a readable safetensors file ({e}); expected a "
+          f"complete safetensors file as transformers writes it (truncated "
+          f"download or conversion?).") from None
 
   def get(self, name: str) -> np.ndarray:
     file = self.location[name]
