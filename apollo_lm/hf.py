@@ -360,8 +360,9 @@ def load_pretrained(
 
   Raises:
     FileNotFoundError: no config or weights in ``path``.
-    ValueError: an unsupported feature (see :func:`config_from_hf`), or
-      missing, unexpected or mis-shaped tensors (named).
+    ValueError: an unsupported feature (see :func:`config_from_hf`),
+      missing, unexpected or mis-shaped tensors (named), or a weight file
+      that is not a complete safetensors file (named).
 
   Example::
 
