@@ -141,8 +141,10 @@ def test_finetune_save_hf_loads_in_transformers(model, tok, reference,
     assert np.any(q(tuned) != q(model))
 
     stem = tmp_path / "transformers"
+    # One thread: pytest runs other tests on the other core.
     run = subprocess.run([python, str(TOOL), "--check", str(out),
                           "--check-out", str(stem)], cwd=REPO,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"),
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     theirs = json.loads(stem.with_suffix(".json").read_text())
