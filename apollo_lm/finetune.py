@@ -206,7 +206,10 @@ def checkpoint_config(config: FinetuneConfig) -> configs.LlamaConfig:
 def load_data(config: FinetuneConfig,
               geometry: geometry_lib.Geometry) -> train_lib.RunData:
   """The SFT data of ``config`` (``data_fn`` of the loop)."""
-  tok = tokenizer_lib.load_checkpoint_tokenizer(config.checkpoint)
+  try:
+    tok = tokenizer_lib.load_checkpoint_tokenizer(config.checkpoint)
+  except (OSError, ValueError) as e:
+    raise ConfigError("--checkpoint", str(e)) from e
   try:
     data = sft.load_sft_data(
         list(config.data), tok, geometry.seq_len,
@@ -236,10 +239,13 @@ def load_data(config: FinetuneConfig,
 def load_model(config: FinetuneConfig, llama: configs.LlamaConfig,
                geometry: geometry_lib.Geometry) -> tuple[nnx.GraphDef, Any]:
   """The checkpoint's weights, sharded (``model_fn`` of the loop)."""
-  model, _ = hf.load_pretrained(
-      config.checkpoint, dtype=llama.param_dtype, compute_dtype=llama.dtype,
-      max_seq_len=llama.max_seq_len, mesh=geometry.mesh, remat=llama.remat,
-      **config.model_overrides())
+  try:
+    model, _ = hf.load_pretrained(
+        config.checkpoint, dtype=llama.param_dtype, compute_dtype=llama.dtype,
+        max_seq_len=llama.max_seq_len, mesh=geometry.mesh, remat=llama.remat,
+        **config.model_overrides())
+  except (OSError, ValueError) as e:
+    raise ConfigError("--checkpoint", str(e)) from e
   graphdef, state = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(state)
   if config.quantize_weights == "int8":
@@ -280,6 +286,8 @@ def make_optimizer(config: FinetuneConfig, llama: configs.LlamaConfig):
   return tx, hparams, schedule
 
 
+_KEPT_CONFIG_KEYS = ("max_position_embeddings", "bos_token_id", "eos_token_id",
+                     "pad_token_id")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "chat_template.jinja",
                     "generation_config.json")
@@ -293,6 +301,12 @@ def save_hf(config: FinetuneConfig, llama: configs.LlamaConfig,
   model = nnx.merge(graphdef, params)
   out = pathlib.Path(config.save_hf)
   hf.save_pretrained(model, llama, out)
+  # Metadata the model config does not hold; the context length is the
+  # checkpoint's, not this run's --seq-len.
+  base = json.loads(pathlib.Path(config.checkpoint, "config.json").read_text())
+  written = json.loads((out / "config.json").read_text())
+  written.update({k: base[k] for k in _KEPT_CONFIG_KEYS if k in base})
+  (out / "config.json").write_text(json.dumps(written, indent=2) + "\n")
   for name in _TOKENIZER_FILES:
     source = pathlib.Path(config.checkpoint, name)
     if source.is_file():

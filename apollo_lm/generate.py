@@ -196,9 +196,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 "--max-new-tokens").replace(
                                     "`temperature`", "--temperature").replace(
                                         "`top_p`", "--top-p"))
-  tok = tokenizer_lib.load_checkpoint_tokenizer(args.checkpoint)
-  eos_ids = hf.eos_token_ids(args.checkpoint) or (tok.eos_id,)
-  model, _ = hf.load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
+  try:
+    tok = tokenizer_lib.load_checkpoint_tokenizer(args.checkpoint)
+    eos_ids = hf.eos_token_ids(args.checkpoint) or (tok.eos_id,)
+    model, _ = hf.load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
+  except (OSError, ValueError) as e:
+    parser.error(f"--checkpoint: {e}")
   key = jax.random.key(args.seed)
   for i, text in enumerate(args.prompt):
     if args.chat:

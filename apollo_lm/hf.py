@@ -300,6 +300,7 @@ class _Reader:
     # Lazily imported: an optional dependency (extra `examples`).
     import safetensors  # pylint: disable=g-import-not-at-top
     self._safe_open = safetensors.safe_open
+    self._errors = (OSError, safetensors.SafetensorError)
     if (root / SINGLE_FILE).exists():
       self._files = {root / SINGLE_FILE: None}
       with self._open(root / SINGLE_FILE) as f:
@@ -315,7 +316,13 @@ class _Reader:
 
   def _open(self, file: pathlib.Path):
     # framework="flax": NumPy cannot represent bfloat16 checkpoints.
-    return self._safe_open(str(file), framework="flax", device="cpu")
+    try:
+      return self._safe_open(str(file), framework="flax", device="cpu")
+    except self._errors as e:
+      raise _error(
+          f"{file}: not a readable safetensors file ({e}); expected a "
+          f"complete safetensors file as transformers writes it (truncated "
+          f"download or conversion?).") from None
 
   def get(self, name: str) -> np.ndarray:
     file = self.location[name]
@@ -355,8 +362,9 @@ def load_pretrained(
 
   Raises:
     FileNotFoundError: no config or weights in ``path``.
-    ValueError: an unsupported feature (see :func:`config_from_hf`), or
-      missing, unexpected or mis-shaped tensors (named).
+    ValueError: an unsupported feature (see :func:`config_from_hf`),
+      missing, unexpected or mis-shaped tensors (named), or a weight file
+      that is not a complete safetensors file (named).
 
   Example::
 

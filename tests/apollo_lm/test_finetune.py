@@ -178,6 +178,9 @@ def test_a_few_steps_reduce_the_completion_loss(checkpoint, sft_file, tmp_path,
   base, _ = hf.load_pretrained(checkpoint)
   for name in ("tokenizer.json", "tokenizer_config.json"):
     assert (tmp_path / "hf" / name).is_file()
+  # The checkpoint's context length (64), not the run's --seq-len (32).
+  saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert saved["max_position_embeddings"] == 64
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a[...]) != np.asarray(b[...]))),
                          nnx_params(tuned), nnx_params(base))
   assert changed["layers"]["attn"]["q_proj"]["kernel"]
@@ -218,6 +221,10 @@ def test_prompt_tokens_get_no_gradient(checkpoint, sft_file):
 @pytest.mark.parametrize("args, message", [
     ([], "--checkpoint: a Hugging Face model folder is required"),
     (["--checkpoint", "/nonexistent"], "--checkpoint: /nonexistent: no config.json"),
+    (["--checkpoint", "NOTOKENIZER", "--data", "DATA"],
+     "--checkpoint: .*tokenizer.json: no such file"),
+    (["--checkpoint", "TRUNCATED", "--data", "DATA"],
+     "--checkpoint: .*model.safetensors: not a readable safetensors file"),
     (["--checkpoint", "CKPT"], "--data: fine-tuning data is required"),
     (["--checkpoint", "CKPT", "--data", "DATA", "--freeze-head"],
      "--freeze-head: this checkpoint ties the head to the embedding"),
@@ -229,8 +236,18 @@ def test_prompt_tokens_get_no_gradient(checkpoint, sft_file):
 def test_errors_name_the_flag(checkpoint, sft_file, tmp_path, args, message):
   from apollo_lm import finetune
   from apollo_lm.errors import ConfigError
-  args = [str(checkpoint) if a == "CKPT" else str(sft_file) if a == "DATA"
-          else a for a in args]
+  broken = tmp_path / "broken"
+  shutil.copytree(checkpoint, broken)
+  (broken / "tokenizer.json").unlink()
+  weights = (checkpoint / "model.safetensors").read_bytes()
+  (tmp_path / "truncated").mkdir()
+  for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(checkpoint / name, tmp_path / "truncated" / name)
+  (tmp_path / "truncated" / "model.safetensors").write_bytes(
+      weights[:len(weights) // 2])
+  names = {"CKPT": checkpoint, "DATA": sft_file, "NOTOKENIZER": broken,
+           "TRUNCATED": tmp_path / "truncated"}
+  args = [str(names.get(a, a)) for a in args]
   with pytest.raises(ConfigError, match=message):
     config = finetune.FinetuneConfig(**vars(
         finetune.cli.build_parser(finetune.FinetuneConfig).parse_args(

@@ -230,6 +230,20 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path):
     hf.load_pretrained(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("name, file, keep", [
+    ("mistral", "model.safetensors", 0.5),  # tensor data cut short
+    ("mistral", "model.safetensors", 6e-5),  # inside the 8-byte header size
+    ("llama2", "model-00002-of-00004.safetensors", 0.9),  # one shard
+])
+def test_truncated_safetensors_names_the_file(tmp_path, name, file, keep):
+  path = _copy(name, tmp_path)
+  data = (path / file).read_bytes()
+  (path / file).write_bytes(data[:int(len(data) * keep)])
+  with pytest.raises(ValueError, match=re.escape(
+      f"{path / file}: not a readable safetensors file")):
+    hf.load_pretrained(path)
+
+
 def test_config_to_hf_architecture_errors():
   config = hf.config_from_hf(_hf_config("llama2"))
   assert hf.config_to_hf(config, "MistralForCausalLM")["model_type"] == (
