@@ -15,7 +15,9 @@
 
 The sizes follow the `configs/llama_*.json` files of the GaLore and APOLLO
 reference repositories (jiaweizzhao/GaLore, zhuhanqing/APOLLO), which is what
-the paper's runs actually instantiated.
+the paper's runs actually instantiated. Besides them, the shapes of a few
+published checkpoints (Qwen3-0.6B, Qwen3-8B, Gemma-3-1B) are registered under
+:data:`PUBLISHED_CONFIG_NAMES`, with their ``config.json`` values.
 """
 
 import dataclasses
@@ -170,8 +172,8 @@ class LlamaConfig:
   """Hyper-parameters of a LLaMA-family decoder (pre-norm, RoPE, SwiGLU).
 
   The defaults are the paper's LLaMA (multi-head attention, untied output
-  head, no biases); the optional fields cover Llama 2/3.x, Mistral (without
-  sliding windows) and Qwen2 checkpoints (see :mod:`apollo_lm.hf`).
+  head, no biases); the optional fields cover Llama 2/3.x, Mistral, Qwen2,
+  Qwen3 and Gemma 3 (text) checkpoints (see :mod:`apollo_lm.hf`).
 
   ``num_kv_heads`` and ``head_dim`` given as ``None`` are resolved at
   construction (to ``num_heads`` and ``hidden_size // num_heads``), as in

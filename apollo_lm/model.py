@@ -209,6 +209,12 @@ def layer_spec(config: LlamaConfig) -> LayerSpec | None:
 
   Uniform configs (the paper's, Llama, Qwen) compile exactly as without
   per-layer settings.
+
+  Example::
+
+    spec = layer_spec(get_config("gemma-3-1b"))
+    spec.window[:6]    # [512, 512, 512, 512, 512, 32768]: layer 5 is global
+    spec.inv_freq[0]   # base 10k (sliding), spec.inv_freq[5]: base 1M
   """
   if not (config.windowed or config.local_rope):
     return None

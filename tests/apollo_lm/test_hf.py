@@ -255,16 +255,17 @@ def test_sliding_windows_follow_transformers():
     ("mistral_sliding", dict(sliding_window=64)),
     ("gemma3", dict(sliding_window=64)),
     ("gemma3", dict(rope_local_theta=1e6)),
+    ("gemma3", dict(query_pre_attn_scalar=16.0)),
 ])
 def test_windows_and_local_rope_are_needed_to_match(name, change):
-  """Without the fixture's window or local RoPE base, logits move by far
-  more than the 1e-4 they match transformers' to."""
+  """Without the fixture's window, local RoPE base or attention scale, logits
+  move by far more than the 1e-4 they match transformers' to."""
   model, _ = hf.load_pretrained(FIXTURES / name, **change)
   logits = np.asarray(model(jnp.asarray(TOKENS)))
   assert np.abs(logits - np.load(FIXTURES / name / "logits.npy")).max() > 1e-2
 
 
-@pytest.mark.parametrize("name", ["mistral_sliding", "qwen3", "gemma3"])
+@pytest.mark.parametrize("name", ["mistral_sliding", "gemma3"])
 def test_decode_matches_forward_on_fixtures(name):
   """KV-cache decoding (prefill 5, then one token at a time, past the
   window of 4) gives the full forward's logits, i.e. transformers'."""
@@ -386,3 +387,44 @@ def test_load_streams_one_stacked_leaf_at_a_time(monkeypatch):
     assert len(kinds) == 1, reads
     assert len(reads) in (1, config.num_layers), reads
     start = stop + 1
+
+
+# The published config.json files (fields config_from_hf reads; values as on
+# huggingface.co/<id>/blob/main/config.json).
+_QWEN3 = dict(
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3",
+    attention_bias=False, head_dim=128, hidden_act="silu",
+    initializer_range=0.02, max_position_embeddings=40960,
+    num_key_value_heads=8, rms_norm_eps=1e-06, rope_scaling=None,
+    rope_theta=1000000, sliding_window=None, use_sliding_window=False,
+    vocab_size=151936)
+_HUB_CONFIGS = {
+    "qwen3-0.6b": dict(  # Qwen/Qwen3-0.6B
+        _QWEN3, hidden_size=1024, intermediate_size=3072,
+        num_attention_heads=16, num_hidden_layers=28, max_window_layers=28,
+        tie_word_embeddings=True),
+    "qwen3-8b": dict(  # Qwen/Qwen3-8B
+        _QWEN3, hidden_size=4096, intermediate_size=12288,
+        num_attention_heads=32, num_hidden_layers=36, max_window_layers=36,
+        tie_word_embeddings=False),
+    "gemma-3-1b": dict(  # google/gemma-3-1b-it
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+        attention_bias=False, attn_logit_softcapping=None,
+        final_logit_softcapping=None, head_dim=256,
+        hidden_activation="gelu_pytorch_tanh", hidden_size=1152,
+        initializer_range=0.02, intermediate_size=6912,
+        max_position_embeddings=32768, num_attention_heads=4,
+        num_hidden_layers=26, num_key_value_heads=1,
+        query_pre_attn_scalar=256, rms_norm_eps=1e-06,
+        rope_local_base_freq=10000, rope_scaling=None, rope_theta=1000000,
+        sliding_window=512, sliding_window_pattern=6, vocab_size=262144),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_HUB_CONFIGS))
+def test_published_configs_are_their_config_json(name):
+  """apollo_lm.configs' published shapes = config_from_hf of the Hub files."""
+  ours = configs.get_config(name)
+  loaded = hf.config_from_hf(_HUB_CONFIGS[name], dtype=ours.dtype)
+  assert dataclasses.replace(loaded, name=name) == ours
+  assert hf.config_from_hf(hf.config_to_hf(loaded), dtype=ours.dtype) == loaded
