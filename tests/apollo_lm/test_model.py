@@ -695,7 +695,9 @@ def test_explicit_positions_shift_equivariance():
     model(tokens, positions=positions[:, :5])
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+# Gemma 3's windows and per-layer RoPE in decoding: test_hf's
+# test_decode_matches_forward_on_fixtures, against transformers' logits.
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"gemma3"}))
 def test_decode_with_kv_cache_matches_forward(variant):
   model = _randomized(VARIANTS[variant])
   tokens = _tokens(2, 14, seed=6)
