@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Hugging Face checkpoints in and out: Llama, Mistral and Qwen2 folders.
+"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2/3, Gemma 3.
 
 :func:`load_pretrained` reads a local folder as ``transformers`` writes it
 (``config.json`` plus ``model.safetensors`` or a sharded
@@ -41,6 +41,18 @@ so matrices are transposed; layer ``i`` is row ``i`` of the stacked leaf)::
   model.layers.{i}.mlp.{gate,up,down}_proj.weight    layers/mlp/*_proj/kernel[i]ᵀ
   model.norm.weight                             final_norm/scale
   lm_head.weight                                lm_head/kernel ᵀ (untied only)
+
+plus, for Qwen3 and Gemma 3, ``self_attn.{q,k}_norm.weight`` ->
+``layers/attn/{q,k}_norm/scale[i]``; Gemma 3 names its four norms
+differently (its ``post_attention_layernorm`` follows attention)::
+
+  input_layernorm.weight                        layers/attn_norm/scale[i]
+  post_attention_layernorm.weight               layers/post_attn_norm/scale[i]
+  pre_feedforward_layernorm.weight              layers/mlp_norm/scale[i]
+  post_feedforward_layernorm.weight             layers/post_mlp_norm/scale[i]
+
+Gemma 3 is its text-only ``Gemma3ForCausalLM`` (e.g. gemma-3-1b); the
+multimodal ``Gemma3ForConditionalGeneration`` checkpoints are not read.
 """
 
 from __future__ import annotations
@@ -64,11 +76,23 @@ from apollo_lm.errors import ConfigError
 PathLike = str | os.PathLike
 
 SUPPORTED_ARCHITECTURES: Final[tuple[str, ...]] = (
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM", "Gemma3ForCausalLM")
 _MODEL_TYPES: Final[dict[str, str]] = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2"}
-SUPPORTED_ROPE_TYPES: Final[tuple[str, ...]] = ("default", "llama3")
+    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3_text"}
+# The LlamaConfig fields each architecture fixes (read and written).
+_GEMMA = dict(norm_plus_one=True, post_norms=True, scale_embeddings=True)
+_NOT_GEMMA = {field: False for field in _GEMMA}
+_ARCH_FEATURES: Final[dict[str, dict[str, bool]]] = {
+    "LlamaForCausalLM": dict(qkv_bias=False, qk_norm=False, **_NOT_GEMMA),
+    "MistralForCausalLM": dict(qkv_bias=False, qk_norm=False, **_NOT_GEMMA),
+    "Qwen2ForCausalLM": dict(qkv_bias=True, qk_norm=False, **_NOT_GEMMA),
+    "Qwen3ForCausalLM": dict(qkv_bias=False, qk_norm=True, **_NOT_GEMMA),
+    "Gemma3ForCausalLM": dict(qkv_bias=False, qk_norm=True, **_GEMMA),
+}
+SUPPORTED_ROPE_TYPES: Final[tuple[str, ...]] = ("default", "llama3", "linear")
 MAX_SHARD_SIZE: Final[int] = 5 * 10**9
 
 SINGLE_FILE: Final[str] = "model.safetensors"
@@ -77,6 +101,8 @@ INDEX_FILE: Final[str] = "model.safetensors.index.json"
 # HF name inside ``model.layers.{i}.`` -> (our stacked path, transposed).
 _LAYER_TENSORS: Final[dict[str, tuple[str, bool]]] = {
     "input_layernorm.weight": ("layers/attn_norm/scale", False),
+    "self_attn.q_norm.weight": ("layers/attn/q_norm/scale", False),
+    "self_attn.k_norm.weight": ("layers/attn/k_norm/scale", False),
     "self_attn.q_proj.weight": ("layers/attn/q_proj/kernel", True),
     "self_attn.k_proj.weight": ("layers/attn/k_proj/kernel", True),
     "self_attn.v_proj.weight": ("layers/attn/v_proj/kernel", True),
@@ -88,6 +114,12 @@ _LAYER_TENSORS: Final[dict[str, tuple[str, bool]]] = {
     "mlp.gate_proj.weight": ("layers/mlp/gate_proj/kernel", True),
     "mlp.up_proj.weight": ("layers/mlp/up_proj/kernel", True),
     "mlp.down_proj.weight": ("layers/mlp/down_proj/kernel", True),
+}
+# Gemma's post-norms: its `post_attention_layernorm` is not the pre-MLP norm.
+_POST_NORM_TENSORS: Final[dict[str, tuple[str, bool]]] = {
+    "post_attention_layernorm.weight": ("layers/post_attn_norm/scale", False),
+    "pre_feedforward_layernorm.weight": ("layers/mlp_norm/scale", False),
+    "post_feedforward_layernorm.weight": ("layers/post_mlp_norm/scale", False),
 }
 _GLOBAL_TENSORS: Final[dict[str, tuple[str, bool]]] = {
     "model.embed_tokens.weight": ("embed/embedding", False),
@@ -120,29 +152,49 @@ def _architecture(hf: Mapping[str, Any]) -> str:
   return architectures[0]
 
 
-def _rope(hf: Mapping[str, Any]) -> tuple[float, configs.RopeScaling | None]:
-  """(rope_theta, scaling) from either transformers 4.x or >= 5 spelling."""
+def _rope(hf: Mapping[str, Any], default_theta: float = 10000.0,
+          ) -> tuple[float, configs.RopeScaling | None, float | None]:
+  """(rope_theta, scaling, local theta) from transformers 4.x or >= 5 spelling.
+
+  The local theta is the sliding layers' own base (Gemma 3's
+  ``rope_local_base_freq``, or ``rope_parameters["sliding_attention"]``),
+  None when every layer type shares one.
+  """
   params = hf.get("rope_parameters")
+  local = hf.get("rope_local_base_freq")
   if params is not None:
     if params and all(isinstance(v, Mapping) for v in params.values()):
-      # Per layer type (transformers >= 5): only full attention is supported.
-      if set(params) != {"full_attention"}:
+      # Per layer type (transformers >= 5).
+      if set(params) - {"full_attention", "sliding_attention"}:
         raise _error(
             "rope_parameters", f"`rope_parameters` for layer types {sorted(params)}; supported: "
-            f"full_attention only.")
-      params = params["full_attention"]
+            f"full_attention, sliding_attention.")
+      if "sliding_attention" in params:
+        sliding = params["sliding_attention"]
+        if sliding.get("rope_type", "default") != "default":
+          raise _error(
+              "rope_parameters", f"unsupported RoPE scaling type {sliding['rope_type']!r} of the "
+              f"sliding_attention layers; supported there: default.")
+        local = sliding.get("rope_theta", 10000.0)
+      params = params.get("full_attention", {})
     params = dict(params)
   else:
     params = dict(hf.get("rope_scaling") or {})
-    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    params.setdefault("rope_theta", hf.get("rope_theta", default_theta))
   rope_type = params.get("rope_type", params.get("type", "default"))
-  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
+  local = None if local is None else float(local)
   if rope_type not in SUPPORTED_ROPE_TYPES:
     raise _error(
         "rope_type", f"unsupported RoPE scaling type {rope_type!r}; supported RoPE types: "
         f"{', '.join(SUPPORTED_ROPE_TYPES)}.")
   if rope_type == "default":
-    return theta, None
+    return theta, None, local
+  if rope_type == "linear":
+    if "factor" not in params:
+      raise _error("rope_scaling", "linear RoPE scaling without 'factor'.")
+    return theta, configs.RopeScaling(float(params["factor"]),
+                                      rope_type="linear"), local
   try:
     scaling = configs.RopeScaling(
         factor=float(params["factor"]),
@@ -152,7 +204,47 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, configs.RopeScaling | None]:
             params["original_max_position_embeddings"]))
   except KeyError as e:
     raise _error("rope_scaling", f"llama3 RoPE scaling without {e.args[0]!r}.") from None
-  return theta, scaling
+  return theta, scaling, local
+
+
+def _layer_types(hf: Mapping[str, Any], arch: str, num_layers: int,
+                 ) -> tuple[int | None, tuple[str, ...] | None]:
+  """(sliding_window, layer_types) as :class:`LlamaConfig` wants them.
+
+  Follows transformers: Qwen2/3 slide only with ``use_sliding_window`` (in
+  layers from ``max_window_layers`` on), Gemma 3 every layer but each
+  ``sliding_window_pattern``-th, Mistral every layer. Uniform stacks give
+  ``layer_types`` None.
+  """
+  window = hf.get("sliding_window")
+  types = hf.get("layer_types")
+  if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if not hf.get("use_sliding_window", False):
+      window = None
+    if types is None:
+      start = hf.get("max_window_layers", num_layers)
+      types = ["sliding_attention" if window is not None and i >= start
+               else "full_attention" for i in range(num_layers)]
+  elif arch == "Gemma3ForCausalLM":
+    if types is None:
+      pattern = hf.get("sliding_window_pattern",
+                       hf.get("_sliding_window_pattern", 6))
+      types = configs.gemma3_layer_types(num_layers, pattern)
+  elif arch == "MistralForCausalLM":
+    types = None  # transformers' Mistral slides in every layer.
+  elif types is not None and set(types) != {"full_attention"}:
+    raise _error(
+        "layer_types", f"unsupported `layer_types` {sorted(set(types))} for {arch}; "
+        f"sliding-window layers are supported for Mistral, Qwen2, Qwen3 and "
+        f"Gemma 3.")
+  if types is None:
+    return window, None
+  types = tuple(types)
+  if set(types) == {"full_attention"}:
+    return None, None
+  if set(types) == {"sliding_attention"}:
+    return window, None
+  return window, types
 
 
 def config_from_hf(hf: Mapping[str, Any], *, max_seq_len: int | None = None,
@@ -161,7 +253,8 @@ def config_from_hf(hf: Mapping[str, Any], *, max_seq_len: int | None = None,
   """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict.
 
   Args:
-    hf: The parsed ``config.json`` of a Llama, Mistral or Qwen2 checkpoint
+    hf: The parsed ``config.json`` of a checkpoint of one of
+      :data:`SUPPORTED_ARCHITECTURES`
       (``rope_theta``/``rope_scaling`` at the top level as on the Hub, or
       ``rope_parameters`` as transformers >= 5 writes).
     max_seq_len: Longest sequence to accept; default
@@ -172,31 +265,38 @@ def config_from_hf(hf: Mapping[str, Any], *, max_seq_len: int | None = None,
 
   Raises:
     ValueError: naming the unsupported feature (architecture, activation,
-      RoPE type, attention/MLP biases of Llama, a sliding window shorter than
-      ``max_seq_len``) and listing what is supported.
+      RoPE type, attention/MLP biases other than Qwen2's q/k/v, logit
+      soft-capping, bidirectional attention) and listing what is supported.
 
   Example::
 
     config = config_from_hf(json.load(open("Llama-3.2-1B/config.json")))
   """
   arch = _architecture(hf)
-  act = hf.get("hidden_act", "silu")
-  if act != "silu":
-    raise _error("hidden_act", f"unsupported `hidden_act` {act!r}; supported: silu.")
+  gemma = arch == "Gemma3ForCausalLM"
+  act = (hf.get("hidden_activation") if gemma else None) or hf.get(
+      "hidden_act", "silu")
+  if act not in configs.ACTIVATIONS:
+    raise _error("hidden_act", f"unsupported `hidden_act` {act!r}; supported: "
+                 f"{', '.join(configs.ACTIVATIONS)}.")
   for key in ("attention_bias", "mlp_bias"):
-    if arch == "LlamaForCausalLM" and hf.get(key):
+    if arch != "Qwen2ForCausalLM" and hf.get(key):
       raise _error(
-          key, f"`{key}`=true is not supported for LlamaForCausalLM; supported "
+          key, f"`{key}`=true is not supported for {arch}; supported "
           f"biases: q/k/v biases of Qwen2ForCausalLM.")
-  layer_types = set(hf.get("layer_types") or ())
-  if layer_types - {"full_attention"}:
-    raise _error(
-        "layer_types", f"unsupported `layer_types` {sorted(layer_types)}; supported: "
-        f"full_attention (no sliding-window layers).")
-  theta, scaling = _rope(hf)
-  window = hf.get("sliding_window")
-  if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
-    window = None
+  for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+    if hf.get(key) is not None:
+      raise _error(key, f"`{key}`={hf[key]} is not supported; supported: null.")
+  if hf.get("use_bidirectional_attention"):
+    raise _error("use_bidirectional_attention", "`use_bidirectional_attention`=true is not supported; "
+                 "supported: causal attention.")
+  theta, scaling, local_theta = _rope(
+      hf, default_theta=1e6 if gemma else 10000.0)
+  window, layer_types = _layer_types(hf, arch, hf["num_hidden_layers"])
+  if gemma and local_theta is None:
+    local_theta = 10000.0  # transformers' default rope_local_base_freq
+  if not gemma:
+    local_theta = None
   max_positions = hf.get("max_position_embeddings", 2048)
   fields = dict(
       name=arch,
@@ -212,11 +312,16 @@ def config_from_hf(hf: Mapping[str, Any], *, max_seq_len: int | None = None,
       init_std=float(hf.get("initializer_range", 0.02)),
       num_kv_heads=hf.get("num_key_value_heads"),
       head_dim=hf.get("head_dim"),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      qkv_bias=arch == "Qwen2ForCausalLM",
+      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       sliding_window=window,
+      layer_types=layer_types,
+      rope_local_theta=local_theta,
+      hidden_act=act,
+      query_pre_attn_scalar=(float(hf.get("query_pre_attn_scalar", 256))
+                             if gemma else None),
       param_dtype=param_dtype,
-      dtype=param_dtype if dtype is None else dtype)
+      dtype=param_dtype if dtype is None else dtype,
+      **_ARCH_FEATURES[arch])
   fields.update(overrides)
   return configs.LlamaConfig(**fields)
 
@@ -229,24 +334,59 @@ def config_to_hf(config: configs.LlamaConfig,
     config: The model's configuration.
     architecture: One of :data:`SUPPORTED_ARCHITECTURES`; default
       ``config.name`` when it is one (a loaded checkpoint keeps its own), else
-      ``Qwen2ForCausalLM`` with q/k/v biases and ``LlamaForCausalLM``
-      without.
+      the first whose fixed features (q/k/v biases, q/k norms, Gemma's norms
+      and embedding scale) are the config's.
+
+  Raises:
+    ValueError: ``architecture`` cannot express a feature of ``config``.
   """
   if architecture is None:
     if config.name in SUPPORTED_ARCHITECTURES:
       architecture = config.name
     else:
-      architecture = ("Qwen2ForCausalLM" if config.qkv_bias
-                      else "LlamaForCausalLM")
+      architecture = next(
+          (arch for arch, features in _ARCH_FEATURES.items()
+           if all(getattr(config, k) == v for k, v in features.items())),
+          "LlamaForCausalLM")
   if architecture not in SUPPORTED_ARCHITECTURES:
     raise _error(
         "architecture", f"unsupported `architecture` {architecture!r}; supported "
         f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}.")
-  if config.qkv_bias != (architecture == "Qwen2ForCausalLM"):
+  for field, value in _ARCH_FEATURES[architecture].items():
+    if getattr(config, field) != value:
+      able = [arch for arch, features in _ARCH_FEATURES.items()
+              if features[field] == getattr(config, field)]
+      raise _error(
+          "architecture", f"{architecture} cannot express {field}={getattr(config, field)}; "
+          f"supported as {', '.join(able)}.")
+  gemma = architecture == "Gemma3ForCausalLM"
+  qwen = architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+  sliding = config.sliding_types
+  mixed = config.layer_types is not None and len(set(sliding)) > 1
+  unexpressed = [
+      field for field, bad in (
+          ("rope_local_theta", not gemma and config.rope_local_theta is not None),
+          ("query_pre_attn_scalar",
+           not gemma and config.query_pre_attn_scalar is not None),
+          ("layer_types", mixed and not (gemma or qwen)),
+          ("sliding_window", architecture == "LlamaForCausalLM" and
+           config.windowed)) if bad]
+  if unexpressed:
     raise _error(
-        "architecture", f"{architecture} cannot express qkv_bias={config.qkv_bias}; q/k/v "
-        f"biases are supported as Qwen2ForCausalLM only.")
+        "architecture", f"{architecture} cannot express {unexpressed[0]}="
+        f"{getattr(config, unexpressed[0])!r}.")
   scaling = config.rope_scaling
+  if scaling is None:
+    rope_scaling = None
+  elif scaling.rope_type == "linear":
+    rope_scaling = {"rope_type": "linear", "factor": scaling.factor}
+  else:
+    rope_scaling = {
+        "rope_type": scaling.rope_type, "factor": scaling.factor,
+        "low_freq_factor": scaling.low_freq_factor,
+        "high_freq_factor": scaling.high_freq_factor,
+        "original_max_position_embeddings":
+            scaling.original_max_position_embeddings}
   out = {
       "architectures": [architecture],
       "model_type": _MODEL_TYPES[architecture],
@@ -257,28 +397,46 @@ def config_to_hf(config: configs.LlamaConfig,
       "num_attention_heads": config.num_heads,
       "num_key_value_heads": config.num_kv_heads,
       "head_dim": config.head_dim,
-      "hidden_act": "silu",
+      ("hidden_activation" if gemma else "hidden_act"): config.hidden_act,
       "max_position_embeddings": config.max_seq_len,
       "rms_norm_eps": config.norm_eps,
       "initializer_range": config.init_std,
       "rope_theta": config.rope_theta,
-      "rope_scaling": None if scaling is None else {
-          "rope_type": scaling.rope_type, "factor": scaling.factor,
-          "low_freq_factor": scaling.low_freq_factor,
-          "high_freq_factor": scaling.high_freq_factor,
-          "original_max_position_embeddings":
-              scaling.original_max_position_embeddings},
+      "rope_scaling": rope_scaling,
       "tie_word_embeddings": config.tie_embeddings,
       "torch_dtype": jnp.dtype(config.param_dtype).name,
       "use_cache": True,
   }
+  types = ["sliding_attention" if s else "full_attention" for s in sliding]
   if architecture == "LlamaForCausalLM":
     out.update(attention_bias=False, mlp_bias=False)
   elif architecture == "MistralForCausalLM":
     out.update(sliding_window=config.sliding_window)
+  elif qwen:
+    out.update(use_sliding_window=any(sliding),
+               sliding_window=config.sliding_window,
+               max_window_layers=(sliding.index(True) if any(sliding)
+                                  else config.num_layers),
+               layer_types=types)
+    if architecture == "Qwen3ForCausalLM":
+      out.update(attention_bias=False)
   else:
-    out.update(use_sliding_window=False, sliding_window=config.sliding_window)
+    out.update(
+        attention_bias=False, sliding_window=config.sliding_window,
+        layer_types=types,
+        rope_local_base_freq=(config.rope_theta
+                              if config.rope_local_theta is None
+                              else config.rope_local_theta),
+        query_pre_attn_scalar=_int_if_whole(
+            config.head_dim if config.query_pre_attn_scalar is None
+            else config.query_pre_attn_scalar),
+        attn_logit_softcapping=None, final_logit_softcapping=None)
   return out
+
+
+def _int_if_whole(value: float) -> int | float:
+  """transformers types Gemma's ``query_pre_attn_scalar`` as an int."""
+  return int(value) if float(value).is_integer() else value
 
 
 def _hf_names(config: configs.LlamaConfig, path: str) -> list[tuple[str, bool]]:
@@ -286,7 +444,9 @@ def _hf_names(config: configs.LlamaConfig, path: str) -> list[tuple[str, bool]]:
   for name, (ours, transposed) in _GLOBAL_TENSORS.items():
     if ours == path:
       return [(name, transposed)]
-  for name, (ours, transposed) in _LAYER_TENSORS.items():
+  layer_tensors = ({**_LAYER_TENSORS, **_POST_NORM_TENSORS}
+                   if config.post_norms else _LAYER_TENSORS)
+  for name, (ours, transposed) in layer_tensors.items():
     if ours == path:
       return [(f"model.layers.{i}.{name}", transposed)
               for i in range(config.num_layers)]
@@ -320,7 +480,7 @@ class _Reader:
       return self._safe_open(str(file), framework="flax", device="cpu")
     except self._errors as e:
       raise _error(
-          f"{file}: not a readable safetensors file ({e}); expected a "
+          "checkpoint", f"{file}: not a readable safetensors file ({e}); expected a "
           f"complete safetensors file as transformers writes it (truncated "
           f"download or conversion?).") from None
 
@@ -342,7 +502,7 @@ def load_pretrained(
     max_seq_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
     shardings: Any = None, **overrides: Any,
 ) -> tuple[model_lib.Llama, configs.LlamaConfig]:
-  """Loads a local Hugging Face Llama / Mistral / Qwen2 folder.
+  """Loads a local Hugging Face folder of :data:`SUPPORTED_ARCHITECTURES`.
 
   Args:
     path: Folder with ``config.json`` and ``model.safetensors`` or

@@ -16,13 +16,19 @@
 The architecture is HF ``LlamaForCausalLM`` as used by the APOLLO/GaLore
 pre-training runs: token embedding, ``L`` pre-norm blocks of rotary causal
 self-attention and a SwiGLU MLP, a final RMSNorm and an untied output head,
-no biases. Optional config fields add what Llama 2/3.x, Mistral and Qwen2
-checkpoints need: grouped-/multi-query attention (``num_kv_heads``), an
-explicit ``head_dim``, tied embeddings (no ``lm_head``), llama3 RoPE scaling
-and q/k/v biases (``qkv_bias``). The ``L`` blocks are created once with ``nnx.vmap`` so every block
-weight carries a leading layer axis, and applied with ``nnx.scan``; one block
-is compiled instead of ``L``, and optimizers see one ``(L, m, n)`` array per
-weight kind.
+no biases. Optional config fields add what Llama 2/3.x, Mistral, Qwen2, Qwen3
+and Gemma 3 checkpoints need: grouped-/multi-query attention
+(``num_kv_heads``), an explicit ``head_dim``, tied embeddings (no
+``lm_head``), llama3/linear RoPE scaling, q/k/v biases (``qkv_bias``),
+per-head q/k RMSNorms (``qk_norm``), sliding-window layers with their own
+RoPE base (``sliding_window``, ``layer_types``, ``rope_local_theta``) and
+Gemma's GeGLU, ``1 + w`` norms, post-norms, scaled embeddings and
+``query_pre_attn_scalar``. The ``L`` blocks are created once with
+``nnx.vmap`` so every block weight carries a leading layer axis, and applied
+with ``nnx.scan``; one block is compiled instead of ``L``, and optimizers see
+one ``(L, m, n)`` array per weight kind. What differs between layers (window,
+RoPE frequencies) is a :class:`LayerSpec` of ``(L, ...)`` arrays scanned
+alongside.
 
 Parameter paths (the contract that optimizer labelling and sharding code rely
 on; ``nnx.Linear`` kernels are ``(in, out)``)::
@@ -34,7 +40,9 @@ on; ``nnx.Linear`` kernels are ``(in, out)``)::
   layers/attn/{q,k,v}_proj/bias                  (L, H*D | K*D)  (qkv_bias)
   layers/mlp/{gate,up}_proj/kernel               (L, d, f)
   layers/mlp/down_proj/kernel                    (L, f, d)
+  layers/attn/{q,k}_norm/scale                   (L, D)  (qk_norm)
   layers/{attn,mlp}_norm/scale                   (L, d)
+  layers/post_{attn,mlp}_norm/scale              (L, d)  (post_norms)
   final_norm/scale                               (d,)
   lm_head/kernel                                 (d, V)  (not when tied)
 
@@ -82,18 +90,30 @@ def _linear(config: LlamaConfig, din: int, dout: int,
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square norm with a learned scale, statistics in float32."""
+  r"""Root-mean-square norm with a learned scale, statistics in float32.
 
-  def __init__(self, config: LlamaConfig):
+  :math:`y = x / \sqrt{\overline{x^2} + \epsilon} \cdot s` over the last
+  axis (of size ``size``, default ``hidden_size``), with :math:`s` = ``scale``
+  (init 1), or :math:`s = 1 + w`, ``scale`` = :math:`w` (init 0) with
+  ``config.norm_plus_one`` (Gemma).
+  """
+
+  def __init__(self, config: LlamaConfig, size: int | None = None):
     self.eps = config.norm_eps
     self.dtype = config.dtype
+    self.plus_one = config.norm_plus_one
+    init = jnp.zeros if self.plus_one else jnp.ones
     self.scale = nnx.Param(
-        jnp.ones((config.hidden_size,), config.param_dtype),
+        init((size or config.hidden_size,), config.param_dtype),
         out_sharding=(None,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+    if self.plus_one:
+      # As HF Gemma: scale in float32, then round.
+      return (x32 * (1 + self.scale[...].astype(jnp.float32))).astype(
+          self.dtype)
     # As HF LLaMA: normalise in float32, round, then scale in compute dtype.
     return x32.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
@@ -102,13 +122,15 @@ def rope_frequencies(head_dim: int, theta: float,
                      scaling: RopeScaling | None = None) -> jax.Array:
   """The ``head_dim / 2`` rotary frequencies ``theta^(-2i/D)``, float32.
 
-  With ``scaling`` (type llama3) low frequencies are divided by
-  ``scaling.factor`` and the band between interpolated; see
-  :class:`apollo_lm.configs.RopeScaling` for the rule.
+  With ``scaling`` of type llama3 low frequencies are divided by
+  ``scaling.factor`` and the band between interpolated; type linear divides
+  all of them; see :class:`apollo_lm.configs.RopeScaling`.
   """
   inv_freq = theta ** -(jnp.arange(0, head_dim, 2, jnp.float32) / head_dim)
   if scaling is None:
     return inv_freq
+  if scaling.rope_type == "linear":
+    return inv_freq / scaling.factor
   context = scaling.original_max_position_embeddings
   wavelength = 2 * jnp.pi / inv_freq
   smooth = (context / wavelength - scaling.low_freq_factor) / (
@@ -122,7 +144,8 @@ def rope_frequencies(head_dim: int, theta: float,
 
 def rotary_embedding(x: jax.Array, theta: float,
                      positions: jax.Array | None = None,
-                     scaling: RopeScaling | None = None) -> jax.Array:
+                     scaling: RopeScaling | None = None, *,
+                     inv_freq: jax.Array | None = None) -> jax.Array:
   """Rotates ``x[B, T, H, D]`` by position-dependent angles (RoPE).
 
   Uses the "rotate half" layout of HF LLaMA, which pairs feature ``i`` with
@@ -133,10 +156,13 @@ def rotary_embedding(x: jax.Array, theta: float,
     theta: Base of the frequencies.
     positions: Optional ``int[B, T]`` position of each token; default
       ``0 .. T-1`` in every row.
-    scaling: Optional llama3 frequency scaling.
+    scaling: Optional frequency scaling.
+    inv_freq: Optional ``float32[D/2]`` frequencies to use instead of those
+      of ``theta`` and ``scaling`` (a traced per-layer row).
   """
   seq_len, head_dim = x.shape[1], x.shape[-1]
-  inv_freq = rope_frequencies(head_dim, theta, scaling)
+  if inv_freq is None:
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
   if positions is None:
     angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq
     cos = jnp.cos(angles)[None, :, None, :]
@@ -164,6 +190,60 @@ class KVCache(NamedTuple):
   length: jax.Array
 
 
+class LayerSpec(NamedTuple):
+  """What differs between the scanned layers; ``None`` fields are uniform.
+
+  Attributes:
+    window: ``int32[L]``: a query at index ``i`` sees keys ``i - w + 1 .. i``
+      (``max_seq_len`` for global layers), or None: every layer is global.
+    inv_freq: ``float32[L, D/2]`` RoPE frequencies of each layer, or None:
+      every layer uses the config's ``rope_theta`` and ``rope_scaling``.
+  """
+
+  window: jax.Array | None = None
+  inv_freq: jax.Array | None = None
+
+
+def layer_spec(config: LlamaConfig) -> LayerSpec | None:
+  """The per-layer :class:`LayerSpec` of ``config``; None when uniform.
+
+  Uniform configs (the paper's, Llama, Qwen) compile exactly as without
+  per-layer settings.
+
+  Example::
+
+    spec = layer_spec(get_config("gemma-3-1b"))
+    spec.window[:6]    # [512, 512, 512, 512, 512, 32768]: layer 5 is global
+    spec.inv_freq[0]   # base 10k (sliding), spec.inv_freq[5]: base 1M
+  """
+  if not (config.windowed or config.local_rope):
+    return None
+  sliding = config.sliding_types
+  window = inv_freq = None
+  if config.windowed:
+    window = jnp.asarray(
+        [config.sliding_window if s else config.max_seq_len for s in sliding],
+        jnp.int32)
+  if config.local_rope:
+    local = rope_frequencies(config.head_dim, config.rope_local_theta)
+    full = rope_frequencies(config.head_dim, config.rope_theta,
+                            config.rope_scaling)
+    inv_freq = jnp.stack([local if s else full for s in sliding])
+  return LayerSpec(window, inv_freq)
+
+
+def _window_mask(query_index: jax.Array, key_index: jax.Array,
+                 window: jax.Array | None) -> jax.Array | None:
+  """``[1, 1, Tq, Tk]``: key within ``window`` tokens of the query."""
+  if window is None:
+    return None
+  return ((query_index[:, None] - key_index[None, :]) < window)[None, None]
+
+
+def _and(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+  return b if a is None else a if b is None else a & b
+
+
 class Attention(nnx.Module):
   """Causal self-attention with rotary positions on q and k.
 
@@ -180,6 +260,11 @@ class Attention(nnx.Module):
     self.head_dim = config.head_dim
     self.rope_theta = config.rope_theta
     self.rope_scaling = config.rope_scaling
+    self.scale = (None if config.query_pre_attn_scalar is None
+                  else config.query_pre_attn_scalar ** -0.5)
+    if config.qk_norm:
+      self.q_norm = RMSNorm(config, config.head_dim)
+      self.k_norm = RMSNorm(config, config.head_dim)
     bias = config.qkv_bias
     self.q_proj = _linear(config, d, dq, ("fsdp", "tensor"), rngs,
                           use_bias=bias)
@@ -189,40 +274,57 @@ class Attention(nnx.Module):
                           use_bias=bias)
     self.o_proj = _linear(config, dq, d, ("tensor", "fsdp"), rngs)
 
-  def _qkv(self, x: jax.Array, positions: jax.Array | None):
+  def _qkv(self, x: jax.Array, positions: jax.Array | None,
+           inv_freq: jax.Array | None = None):
     batch, seq_len, _ = x.shape
 
-    def heads(proj: nnx.Linear, num: int) -> jax.Array:
+    def heads(proj: nnx.Linear, num: int,
+              norm: RMSNorm | None = None) -> jax.Array:
       out = proj(x).reshape(batch, seq_len, num, self.head_dim)
+      if norm is not None:
+        out = norm(out)
       return constrain(out, _HEADS)
 
     def rope(y: jax.Array) -> jax.Array:
-      return rotary_embedding(y, self.rope_theta, positions, self.rope_scaling)
+      return rotary_embedding(y, self.rope_theta, positions, self.rope_scaling,
+                              inv_freq=inv_freq)
 
-    return (rope(heads(self.q_proj, self.num_heads)),
-            rope(heads(self.k_proj, self.num_kv_heads)),
+    return (rope(heads(self.q_proj, self.num_heads,
+                       getattr(self, "q_norm", None))),
+            rope(heads(self.k_proj, self.num_kv_heads,
+                       getattr(self, "k_norm", None))),
             heads(self.v_proj, self.num_kv_heads))
 
   def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               mask: jax.Array | None = None) -> jax.Array:
-    """Causal attention; ``mask`` (bool ``[B, 1, T, T]``) restricts it more."""
+               mask: jax.Array | None = None,
+               spec: LayerSpec | None = None) -> jax.Array:
+    """Causal attention; ``mask`` (bool ``[B, 1, T, T]``) restricts it more.
+
+    ``spec`` is this layer's row of :func:`layer_spec` (window, RoPE).
+    """
     batch, seq_len, _ = x.shape
-    q, k, v = self._qkv(x, positions)
+    spec = spec or LayerSpec()
+    q, k, v = self._qkv(x, positions, spec.inv_freq)
+    index = jnp.arange(seq_len, dtype=jnp.int32)
+    mask = _and(mask, _window_mask(index, index, spec.window))
     # Logits and softmax are computed in float32 by the XLA implementation.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                       scale=self.scale)
     return self.o_proj(out.reshape(batch, seq_len, -1))
 
   def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-             start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+             start: jax.Array, spec: LayerSpec | None = None,
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Attends ``x[B, T]`` at positions ``start..start+T-1`` to the cache.
 
     Writes this step's keys and values into ``k_cache``/``v_cache``
     (``[B, S, K, D]``) and returns ``(out, k_cache, v_cache)``.
     """
     batch, seq_len, _ = x.shape
+    spec = spec or LayerSpec()
     positions = jnp.broadcast_to(
         start + jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
-    q, k, v = self._qkv(x, positions)
+    q, k, v = self._qkv(x, positions, spec.inv_freq)
     index = (0, start, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(
         k_cache, k.astype(k_cache.dtype), index)
@@ -230,50 +332,94 @@ class Attention(nnx.Module):
         v_cache, v.astype(v_cache.dtype), index)
     # Query t sees cache slots 0 .. start + t (earlier and its own).
     slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
-    mask = slots[None, :] <= positions[0][:, None]
+    mask = (slots[None, :] <= positions[0][:, None])[None, None]
+    mask = _and(mask, _window_mask(positions[0], slots, spec.window))
     out = jax.nn.dot_product_attention(
         q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-        mask=mask[None, None])
+        mask=mask, scale=self.scale)
     return self.o_proj(out.reshape(batch, seq_len, -1)), k_cache, v_cache
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+  """Gated feed-forward ``down(act(gate(x)) * up(x))``.
+
+  ``act`` is SiLU (SwiGLU) or, with ``hidden_act="gelu_pytorch_tanh"``, the
+  tanh approximation of GELU (GeGLU, Gemma).
+  """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     d, f = config.hidden_size, config.intermediate_size
+    self.gelu = config.hidden_act == "gelu_pytorch_tanh"
     self.gate_proj = _linear(config, d, f, ("fsdp", "tensor"), rngs)
     self.up_proj = _linear(config, d, f, ("fsdp", "tensor"), rngs)
     self.down_proj = _linear(config, f, d, ("tensor", "fsdp"), rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = nnx.silu(self.gate_proj(x)) * self.up_proj(x)
+    gate = self.gate_proj(x)
+    gate = jax.nn.gelu(gate, approximate=True) if self.gelu else nnx.silu(gate)
+    hidden = gate * self.up_proj(x)
     return self.down_proj(constrain(hidden, _FEATURES))
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: ``x + attn(norm(x))``, ``h + mlp(norm(h))``."""
+  """Pre-norm transformer block: ``x + attn(norm(x))``, ``h + mlp(norm(h))``.
+
+  With ``config.post_norms`` (Gemma) the attention and MLP outputs are
+  normalised too: ``x + post_norm(attn(norm(x)))``, likewise for the MLP.
+  A config with per-layer settings (:func:`layer_spec` not None) needs this
+  layer's ``spec`` row in every call.
+  """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(config)
     self.attn = Attention(config, rngs=rngs)
     self.mlp_norm = RMSNorm(config)
     self.mlp = MLP(config, rngs=rngs)
+    if config.post_norms:
+      self.post_attn_norm = RMSNorm(config)
+      self.post_mlp_norm = RMSNorm(config)
+    self.needs_spec = config.windowed or config.local_rope
+
+  def _check(self, spec: LayerSpec | None):
+    if self.needs_spec and spec is None:
+      raise ValueError(
+          "Block: this config has per-layer sliding windows or RoPE bases; "
+          "pass `spec`, the layer's row of `apollo_lm.model.layer_spec("
+          "config)` (Llama.__call__ and Llama.decode do).")
+
+  def _post(self, name: str, y: jax.Array) -> jax.Array:
+    norm = getattr(self, name, None)
+    return y if norm is None else norm(y)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-               mask: jax.Array | None = None) -> jax.Array:
-    x = constrain(
-        x + self.attn(self.attn_norm(x), positions=positions, mask=mask),
-        _RESIDUAL)
-    return constrain(x + self.mlp(self.mlp_norm(x)), _RESIDUAL)
+               mask: jax.Array | None = None,
+               spec: LayerSpec | None = None) -> jax.Array:
+    self._check(spec)
+    attn = self.attn(self.attn_norm(x), positions=positions, mask=mask,
+                     spec=spec)
+    x = constrain(x + self._post("post_attn_norm", attn), _RESIDUAL)
+    mlp = self._post("post_mlp_norm", self.mlp(self.mlp_norm(x)))
+    return constrain(x + mlp, _RESIDUAL)
 
   def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-             start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+             start: jax.Array, spec: LayerSpec | None = None,
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """As ``__call__`` for new tokens at ``start..``, through the KV cache."""
+    self._check(spec)
     attn, k_cache, v_cache = self.attn.decode(
-        self.attn_norm(x), k_cache, v_cache, start)
-    x = x + attn
-    return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+        self.attn_norm(x), k_cache, v_cache, start, spec)
+    x = x + self._post("post_attn_norm", attn)
+    mlp = self._post("post_mlp_norm", self.mlp(self.mlp_norm(x)))
+    return x + mlp, k_cache, v_cache
+
+
+class ScaledEmbed(nnx.Embed):
+  """``nnx.Embed`` whose output is multiplied by ``sqrt(features)``, the
+  factor rounded to the compute dtype first, as HF Gemma does."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    scale = jnp.asarray(self.features ** 0.5, self.dtype or jnp.float32)
+    return super().__call__(inputs) * scale
 
 
 def packing_inputs(segment_ids: jax.Array | None,
@@ -330,7 +476,8 @@ class Llama(nnx.Module):
       self._build(config, rngs)
 
   def _build(self, config: LlamaConfig, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(
+    embed_cls = ScaledEmbed if config.scale_embeddings else nnx.Embed
+    self.embed = embed_cls(
         config.vocab_size, config.hidden_size, dtype=config.dtype,
         param_dtype=config.param_dtype,
         embedding_init=_normal(config, ("tensor", "fsdp")), rngs=rngs)
@@ -387,16 +534,20 @@ class Llama(nnx.Module):
             f"{list(tokens.shape)}, got {list(value.shape)}.")
     mask, positions = packing_inputs(segment_ids, positions)
     x = constrain(self.embed(tokens), _RESIDUAL)
+    spec = layer_spec(self.config)
 
-    def apply_block(x: jax.Array, block: Block) -> jax.Array:
-      return block(x, positions=positions, mask=mask)
+    def apply_block(x: jax.Array, block: Block, *spec) -> jax.Array:
+      return block(x, positions=positions, mask=mask,
+                   spec=spec[0] if spec else None)
 
     if self.config.remat:
       apply_block = nnx.remat(apply_block)
+    # Uniform configs scan over the blocks alone (the program they always had).
+    xs = (self.layers,) if spec is None else (self.layers, spec)
     x = nnx.scan(
-        apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-        unroll=1 if self.config.scan_layers else True,
-        transform_metadata={nnx.PARTITION_NAME: None})(x, self.layers)
+        apply_block, in_axes=(nnx.Carry,) + (0,) * len(xs),
+        out_axes=nnx.Carry, unroll=1 if self.config.scan_layers else True,
+        transform_metadata={nnx.PARTITION_NAME: None})(x, *xs)
     return self.logits(x)
 
   def init_cache(self, batch: int, max_len: int,
@@ -430,15 +581,17 @@ class Llama(nnx.Module):
           f"got {tokens.dtype}{list(tokens.shape)}.")
     start = cache.length
     x = self.embed(tokens)
+    spec = layer_spec(self.config)
 
-    def apply_block(x, block, k, v):
-      x, k, v = block.decode(x, k, v, start)
+    def apply_block(x, block, k, v, *spec):
+      x, k, v = block.decode(x, k, v, start, spec[0] if spec else None)
       return x, (k, v)
 
+    xs = (self.layers, cache.k, cache.v) + (() if spec is None else (spec,))
     x, (k, v) = nnx.scan(
-        apply_block, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
-        transform_metadata={nnx.PARTITION_NAME: None})(
-            x, self.layers, cache.k, cache.v)
+        apply_block, in_axes=(nnx.Carry,) + (0,) * len(xs),
+        out_axes=(nnx.Carry, 0),
+        transform_metadata={nnx.PARTITION_NAME: None})(x, *xs)
     return self.logits(x), KVCache(k, v, start + tokens.shape[1])
 
 

@@ -6,6 +6,7 @@ fixed tokens; roundtrip.json records that `transformers` loads our saved
 folders with the same weights and logits.
 """
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -25,7 +26,8 @@ from apollo_lm import hf
 from apollo_lm import sharding
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"
-NAMES = ("llama2", "llama3", "qwen2", "mistral")
+NAMES = ("llama2", "llama3", "qwen2", "mistral", "mistral_sliding", "qwen3",
+         "gemma3")
 TOKENS = np.load(FIXTURES / "tokens.npy").astype(np.int32)
 
 pytestmark = pytest.mark.xdist_group("apollo_lm_hf")
@@ -50,6 +52,9 @@ def _legacy_spelling(hf_config: dict) -> dict:
   """transformers >= 5 `rope_parameters` -> the 4.x top-level spelling."""
   out = dict(hf_config)
   rope = dict(out.pop("rope_parameters"))
+  if "full_attention" in rope:  # per layer type (Gemma 3)
+    out["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    rope = dict(rope["full_attention"])
   out["rope_theta"] = rope.pop("rope_theta")
   out["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
   return out
@@ -75,6 +80,19 @@ def test_logits_match_transformers(name):
     ("qwen2", dict(num_kv_heads=1, tie_embeddings=True, qkv_bias=True,
                    rope_theta=1e6)),
     ("mistral", dict(num_kv_heads=2, tie_embeddings=False, norm_eps=1e-5)),
+    ("mistral_sliding", dict(sliding_window=4, layer_types=None)),
+    ("qwen3", dict(num_kv_heads=2, head_dim=16, qk_norm=True, qkv_bias=False,
+                   tie_embeddings=False, sliding_window=None,
+                   layer_types=None, norm_plus_one=False)),
+    ("gemma3", dict(
+        num_layers=3, num_kv_heads=1, head_dim=16, qk_norm=True,
+        norm_plus_one=True, post_norms=True, scale_embeddings=True,
+        hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=24.0,
+        tie_embeddings=True, sliding_window=4, rope_theta=1e6,
+        rope_local_theta=1e4,
+        rope_scaling=configs.RopeScaling(2.0, rope_type="linear"),
+        layer_types=("sliding_attention", "full_attention",
+                     "sliding_attention"))),
 ])
 def test_config_from_hf_both_spellings(name, features):
   new = hf.config_from_hf(_hf_config(name))
@@ -88,8 +106,8 @@ def test_config_from_hf_both_spellings(name, features):
 
 
 @pytest.mark.parametrize("name, dtype", [
-    ("llama2", jnp.float32), ("llama3", jnp.float32), ("qwen2", jnp.float32),
-    ("mistral", jnp.float32), ("llama3", jnp.bfloat16)])
+    *((name, jnp.float32) for name in NAMES), ("llama3", jnp.bfloat16),
+    ("gemma3", jnp.bfloat16)])
 def test_load_save_load_is_exact(name, dtype, tmp_path):
   model, config = hf.load_pretrained(FIXTURES / name, dtype=dtype)
   files = hf.save_pretrained(model, config, tmp_path / "out")
@@ -180,25 +198,89 @@ def _params_raw(model) -> dict[str, jax.Array]:
      "LlamaForCausalLM"),
     (dict(mlp_bias=True), "`mlp_bias`=true is not supported"),
     (dict(layer_types=["sliding_attention", "full_attention"]),
-     "unsupported `layer_types`"),
+     "unsupported `layer_types` ['full_attention', 'sliding_attention'] for "
+     "LlamaForCausalLM"),
 ])
 def test_unsupported_llama_config_features(change, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     hf.config_from_hf({**_hf_config("llama3"), **change})
 
 
-def test_sliding_window_shorter_than_sequence_is_an_error():
-  mistral = {**_hf_config("mistral"), "sliding_window": 16}
-  with pytest.raises(ValueError, match="sliding-window attention shorter than"
-                     " the sequence is not supported"):
-    hf.config_from_hf(mistral)
-  # Within the window every position sees all earlier ones: supported.
-  assert hf.config_from_hf(mistral, max_seq_len=16).sliding_window == 16
-  # Qwen2 ignores the window unless use_sliding_window is set.
-  qwen2 = {**_hf_config("qwen2"), "sliding_window": 16}
-  assert hf.config_from_hf(qwen2).sliding_window is None
-  with pytest.raises(ValueError, match="sliding-window attention shorter"):
-    hf.config_from_hf({**qwen2, "use_sliding_window": True})
+@pytest.mark.parametrize("name, change, message", [
+    ("qwen3", dict(attention_bias=True), "`attention_bias`=true is not "
+     "supported for Qwen3ForCausalLM"),
+    ("gemma3", dict(final_logit_softcapping=30.0),
+     "`final_logit_softcapping`=30.0 is not supported; supported: null"),
+    ("gemma3", dict(attn_logit_softcapping=50.0),
+     "`attn_logit_softcapping`=50.0 is not supported"),
+    ("gemma3", dict(use_bidirectional_attention=True),
+     "`use_bidirectional_attention`=true is not supported"),
+    ("gemma3", dict(rope_parameters=dict(
+        full_attention=dict(rope_type="default", rope_theta=1e6),
+        sliding_attention=dict(rope_type="linear", factor=2.0,
+                               rope_theta=1e4))),
+     "unsupported RoPE scaling type 'linear' of the sliding_attention layers"),
+    ("gemma3", dict(hidden_activation="relu"),
+     "unsupported `hidden_act` 'relu'"),
+])
+def test_unsupported_qwen3_gemma3_features(name, change, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    hf.config_from_hf({**_hf_config(name), **change})
+
+
+def test_sliding_windows_follow_transformers():
+  mistral = _hf_config("mistral_sliding")
+  assert hf.config_from_hf(mistral).windowed
+  # A window at least max_seq_len long binds nowhere (compiles as full).
+  assert not hf.config_from_hf(mistral, max_seq_len=4).windowed
+  # Qwen2/3 ignore the window unless use_sliding_window is set, then slide
+  # from layer max_window_layers on (when config.json lists no layer_types).
+  for name in ("qwen2", "qwen3"):
+    qwen = {**_hf_config(name), "sliding_window": 4}
+    del qwen["layer_types"]
+    assert hf.config_from_hf(qwen).sliding_window is None
+    config = hf.config_from_hf(
+        {**qwen, "use_sliding_window": True, "max_window_layers": 1})
+    assert config.layer_types == ("full_attention", "sliding_attention")
+    assert config.windowed and hf.config_from_hf(
+        hf.config_to_hf(config)) == config
+  # Gemma 3 without layer_types: every sliding_window_pattern-th is global.
+  gemma = {**_hf_config("gemma3"), "sliding_window_pattern": 3}
+  del gemma["layer_types"]
+  assert hf.config_from_hf(gemma).layer_types == (
+      "sliding_attention", "sliding_attention", "full_attention")
+
+
+@pytest.mark.parametrize("name, change", [
+    ("mistral_sliding", dict(sliding_window=64)),
+    ("gemma3", dict(sliding_window=64)),
+    ("gemma3", dict(rope_local_theta=1e6)),
+    ("gemma3", dict(query_pre_attn_scalar=16.0)),
+])
+def test_windows_and_local_rope_are_needed_to_match(name, change):
+  """Without the fixture's window, local RoPE base or attention scale, logits
+  move by far more than the 1e-4 they match transformers' to."""
+  model, _ = hf.load_pretrained(FIXTURES / name, **change)
+  logits = np.asarray(model(jnp.asarray(TOKENS)))
+  assert np.abs(logits - np.load(FIXTURES / name / "logits.npy")).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["mistral_sliding", "gemma3"])
+def test_decode_matches_forward_on_fixtures(name):
+  """KV-cache decoding (prefill 5, then one token at a time, past the
+  window of 4) gives the full forward's logits, i.e. transformers'."""
+  model, _ = hf.load_pretrained(FIXTURES / name)
+  tokens = jnp.asarray(TOKENS)
+  decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+  cache = model.init_cache(2, 16)
+  logits, cache = decode(model, tokens[:, :5], cache)
+  steps = [logits]
+  for t in range(5, tokens.shape[1]):
+    logits, cache = decode(model, tokens[:, t:t + 1], cache)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1),
+                             np.load(FIXTURES / name / "logits.npy"),
+                             atol=1e-4, rtol=0)
 
 
 def test_missing_unexpected_and_misshaped_tensors(tmp_path):
@@ -250,9 +332,23 @@ def test_config_to_hf_architecture_errors():
       "mistral")
   with pytest.raises(ValueError, match="unsupported `architecture` 'Foo'"):
     hf.config_to_hf(config, "Foo")
-  with pytest.raises(ValueError, match="q/k/v biases are supported as "
-                     "Qwen2ForCausalLM only"):
+  with pytest.raises(ValueError, match="Qwen2ForCausalLM cannot express "
+                     "qkv_bias=False; supported as LlamaForCausalLM, "
+                     "MistralForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM"):
     hf.config_to_hf(config, "Qwen2ForCausalLM")
+  with pytest.raises(ValueError, match="Gemma3ForCausalLM cannot express "
+                     "qk_norm=False"):
+    hf.config_to_hf(config, "Gemma3ForCausalLM")
+  gemma = hf.config_from_hf(_hf_config("gemma3"))
+  with pytest.raises(ValueError, match="Qwen3ForCausalLM cannot express "
+                     "norm_plus_one=True"):
+    hf.config_to_hf(gemma, "Qwen3ForCausalLM")
+  # A config without a checkpoint name gets the architecture of its features.
+  for name in ("llama2", "qwen2", "qwen3", "gemma3"):
+    unnamed = dataclasses.replace(hf.config_from_hf(_hf_config(name)),
+                                  name="mine")
+    assert hf.config_to_hf(unnamed)["architectures"] == (
+        _hf_config(name)["architectures"])
 
 
 def test_eos_token_ids(tmp_path):
@@ -305,3 +401,44 @@ def test_load_streams_one_stacked_leaf_at_a_time(monkeypatch):
     assert len(kinds) == 1, reads
     assert len(reads) in (1, config.num_layers), reads
     start = stop + 1
+
+
+# The published config.json files (fields config_from_hf reads; values as on
+# huggingface.co/<id>/blob/main/config.json).
+_QWEN3 = dict(
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3",
+    attention_bias=False, head_dim=128, hidden_act="silu",
+    initializer_range=0.02, max_position_embeddings=40960,
+    num_key_value_heads=8, rms_norm_eps=1e-06, rope_scaling=None,
+    rope_theta=1000000, sliding_window=None, use_sliding_window=False,
+    vocab_size=151936)
+_HUB_CONFIGS = {
+    "qwen3-0.6b": dict(  # Qwen/Qwen3-0.6B
+        _QWEN3, hidden_size=1024, intermediate_size=3072,
+        num_attention_heads=16, num_hidden_layers=28, max_window_layers=28,
+        tie_word_embeddings=True),
+    "qwen3-8b": dict(  # Qwen/Qwen3-8B
+        _QWEN3, hidden_size=4096, intermediate_size=12288,
+        num_attention_heads=32, num_hidden_layers=36, max_window_layers=36,
+        tie_word_embeddings=False),
+    "gemma-3-1b": dict(  # google/gemma-3-1b-it
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+        attention_bias=False, attn_logit_softcapping=None,
+        final_logit_softcapping=None, head_dim=256,
+        hidden_activation="gelu_pytorch_tanh", hidden_size=1152,
+        initializer_range=0.02, intermediate_size=6912,
+        max_position_embeddings=32768, num_attention_heads=4,
+        num_hidden_layers=26, num_key_value_heads=1,
+        query_pre_attn_scalar=256, rms_norm_eps=1e-06,
+        rope_local_base_freq=10000, rope_scaling=None, rope_theta=1000000,
+        sliding_window=512, sliding_window_pattern=6, vocab_size=262144),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_HUB_CONFIGS))
+def test_published_configs_are_their_config_json(name):
+  """apollo_lm.configs' published shapes = config_from_hf of the Hub files."""
+  ours = configs.get_config(name)
+  loaded = hf.config_from_hf(_HUB_CONFIGS[name], dtype=ours.dtype)
+  assert dataclasses.replace(loaded, name=name) == ours
+  assert hf.config_from_hf(hf.config_to_hf(loaded), dtype=ours.dtype) == loaded

@@ -399,6 +399,19 @@ VARIANTS = {
         rope_scaling=_LLAMA3_SCALING, rope_theta=500000.0, norm_eps=1e-5),
     "mqa_bias_head_dim": dataclasses.replace(
         SMALL_F32, num_kv_heads=1, head_dim=12, qkv_bias=True),
+    # Qwen3: q/k norms, explicit head_dim, no biases.
+    "qwen3_qk_norm": dataclasses.replace(
+        SMALL_F32, num_kv_heads=2, head_dim=12, qk_norm=True, rope_theta=1e6),
+    # Gemma 3: everything, with windows (5) shorter than the tests' sequences
+    # and sliding / global layers with their own RoPE.
+    "gemma3": dataclasses.replace(
+        SMALL_F32, num_layers=3, num_kv_heads=1, head_dim=16, qk_norm=True,
+        hidden_act="gelu_pytorch_tanh", norm_plus_one=True, post_norms=True,
+        scale_embeddings=True, query_pre_attn_scalar=24.0, tie_embeddings=True,
+        sliding_window=5, rope_theta=1e6, rope_local_theta=1e4,
+        rope_scaling=configs.RopeScaling(2.0, rope_type="linear"),
+        layer_types=("sliding_attention", "full_attention",
+                     "sliding_attention")),
 }
 
 
@@ -407,6 +420,8 @@ def _np_rope_frequencies(head_dim, theta, scaling):
                              / head_dim)
   if scaling is None:
     return inv_freq
+  if scaling.rope_type == "linear":
+    return inv_freq / scaling.factor
   context = scaling.original_max_position_embeddings
   out = []
   for f in inv_freq:
@@ -423,7 +438,12 @@ def _np_rope_frequencies(head_dim, theta, scaling):
 
 
 def _np_forward(params, config, tokens, segment_ids=None):
-  """Float64 NumPy LLaMA: per-head loops, explicit GQA head sharing."""
+  """Float64 NumPy LLaMA: per-head loops, explicit GQA head sharing.
+
+  Also the Qwen3 / Gemma 3 features: q/k norms, (1 + w) norms, post-norms,
+  GeGLU, scaled embeddings, query_pre_attn_scalar, and per layer (by
+  ``layer_types``, else all when ``sliding_window``) windows and local RoPE.
+  """
   p = {k: np.asarray(v[...], np.float64) for k, v in params.items()}
   batch, seq_len = tokens.shape
   heads, kv_heads, hd = config.num_heads, config.num_kv_heads, config.head_dim
@@ -436,26 +456,42 @@ def _np_forward(params, config, tokens, segment_ids=None):
       for t in range(1, seq_len):
         same = segment_ids[b, t] == segment_ids[b, t - 1]
         positions[b, t] = positions[b, t - 1] + 1 if same else 0
-  inv_freq = _np_rope_frequencies(hd, config.rope_theta, config.rope_scaling)
-  angles = positions[..., None] * inv_freq            # [B, T, D/2]
-  cos, sin = np.cos(angles)[:, :, None], np.sin(angles)[:, :, None]
+  global_freq = _np_rope_frequencies(hd, config.rope_theta,
+                                     config.rope_scaling)
 
-  def rope(x):
+  def rope(x, inv_freq):
+    angles = positions[..., None] * inv_freq            # [B, T, D/2]
+    cos, sin = np.cos(angles)[:, :, None], np.sin(angles)[:, :, None]
     x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
   def norm(x, scale):
+    if config.norm_plus_one:
+      scale = 1 + scale
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + config.norm_eps) * (
         scale)
 
-  def silu(x):
+  def act(x):
+    if config.hidden_act == "gelu_pytorch_tanh":
+      return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     return x / (1 + np.exp(-x))
 
   x = p["embed/embedding"][tokens]
-  allowed = (np.tril(np.ones((seq_len, seq_len), bool))[None]
-             & (segment_ids[:, :, None] == segment_ids[:, None, :]))
+  if config.scale_embeddings:
+    x = x * np.sqrt(config.hidden_size)
+  causal = (np.tril(np.ones((seq_len, seq_len), bool))[None]
+            & (segment_ids[:, :, None] == segment_ids[:, None, :]))
+  distance = np.arange(seq_len)[:, None] - np.arange(seq_len)[None, :]
+  layer_types = config.layer_types or (
+      ("sliding_attention" if config.sliding_window else "full_attention",)
+      * config.num_layers)
+  scale = (config.query_pre_attn_scalar or hd) ** -0.5
   for i in range(config.num_layers):
     layer = lambda name: p[f"layers/{name}"][i]
+    sliding = layer_types[i] == "sliding_attention"
+    allowed = causal & (distance < config.sliding_window) if sliding else causal
+    inv_freq = (_np_rope_frequencies(hd, config.rope_local_theta, None)
+                if sliding and config.rope_local_theta else global_freq)
     h = norm(x, layer("attn_norm/scale"))
     proj = {}
     for name, num in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
@@ -463,21 +499,27 @@ def _np_forward(params, config, tokens, segment_ids=None):
       if config.qkv_bias:
         y = y + layer(f"attn/{name}_proj/bias")
       proj[name] = y.reshape(batch, seq_len, num, hd)
-    q, k, v = rope(proj["q"]), rope(proj["k"]), proj["v"]
+      if config.qk_norm and name != "v":
+        proj[name] = norm(proj[name], layer(f"attn/{name}_norm/scale"))
+    q, k, v = rope(proj["q"], inv_freq), rope(proj["k"], inv_freq), proj["v"]
     out = np.zeros((batch, seq_len, heads, hd))
     for head in range(heads):
       kv = head // (heads // kv_heads)  # query head -> its key/value head
-      scores = np.einsum("btd,bsd->bts", q[:, :, head], k[:, :, kv]) / np.sqrt(
-          hd)
+      scores = np.einsum("btd,bsd->bts", q[:, :, head], k[:, :, kv]) * scale
       scores = np.where(allowed, scores, -np.inf)
       weights = np.exp(scores - scores.max(-1, keepdims=True))
       weights /= weights.sum(-1, keepdims=True)
       out[:, :, head] = np.einsum("bts,bsd->btd", weights, v[:, :, kv])
-    x = x + out.reshape(batch, seq_len, -1) @ layer("attn/o_proj/kernel")
+    attn = out.reshape(batch, seq_len, -1) @ layer("attn/o_proj/kernel")
+    if config.post_norms:
+      attn = norm(attn, layer("post_attn_norm/scale"))
+    x = x + attn
     h = norm(x, layer("mlp_norm/scale"))
-    x = x + (silu(h @ layer("mlp/gate_proj/kernel"))
-             * (h @ layer("mlp/up_proj/kernel"))) @ layer(
-                 "mlp/down_proj/kernel")
+    mlp = (act(h @ layer("mlp/gate_proj/kernel"))
+           * (h @ layer("mlp/up_proj/kernel"))) @ layer("mlp/down_proj/kernel")
+    if config.post_norms:
+      mlp = norm(mlp, layer("post_mlp_norm/scale"))
+    x = x + mlp
   x = norm(x, p["final_norm/scale"])
   head = (p["embed/embedding"].T if config.tie_embeddings
           else p["lm_head/kernel"])
@@ -523,9 +565,20 @@ def test_variant_param_tree(variant):
     if config.qkv_bias:
       assert params[key].get_metadata()["out_sharding"] == (None, "tensor")
       np.testing.assert_array_equal(params[key][...], 0.0)
+  for name in ("q", "k"):
+    key = f"layers/attn/{name}_norm/scale"
+    assert (key in params) == config.qk_norm
+    if config.qk_norm:
+      assert params[key].shape == (n, hd)
+  for name in ("post_attn_norm", "post_mlp_norm"):
+    assert (f"layers/{name}/scale" in params) == config.post_norms
+  # Gemma's (1 + w) norms store w = 0 at init, the others scale 1.
+  np.testing.assert_array_equal(params["final_norm/scale"][...],
+                                0.0 if config.norm_plus_one else 1.0)
   embeddings = config.vocab_size * d * (1 if config.tie_embeddings else 2)
   per_layer = (2 * d * dq + 2 * d * dkv + 3 * d * config.intermediate_size
-               + 2 * d + config.qkv_bias * (dq + 2 * dkv))
+               + 2 * d + config.qkv_bias * (dq + 2 * dkv)
+               + config.qk_norm * 2 * hd + config.post_norms * 2 * d)
   expected = embeddings + n * per_layer + d
   assert model_lib.count_params(config) == expected
 
@@ -550,6 +603,47 @@ def test_variant_param_tree(variant):
 def test_count_params_published_checkpoints(name, kwargs, published):
   assert model_lib.count_params(
       configs.LlamaConfig(name=name, **kwargs)) == published
+
+
+def _non_embedding(config: configs.LlamaConfig) -> int:
+  """Parameters outside the input embedding and the output head."""
+  head = 0 if config.tie_embeddings else config.vocab_size * config.hidden_size
+  return (model_lib.count_params(config) - head
+          - config.vocab_size * config.hidden_size)
+
+
+@pytest.mark.parametrize("name, total, non_embedding, digits", [
+    # Model cards on the Hub, "Number of Parameters" / "(Non-Embedding)":
+    # huggingface.co/Qwen/Qwen3-0.6B: 0.6B / 0.44B.
+    ("qwen3-0.6b", 0.6e9, 0.44e9, (1, 2)),
+    # huggingface.co/Qwen/Qwen3-8B: 8.2B / 6.95B.
+    ("qwen3-8b", 8.2e9, 6.95e9, (1, 2)),
+    # Gemma 3 technical report (arXiv:2503.19786), Table 1, 1B: 302M
+    # embedding + 698M non-embedding parameters (the model card: "1B").
+    ("gemma-3-1b", 1.0e9, 698e6, (1, -6)),
+])
+def test_count_params_published_qwen3_gemma3(name, total, non_embedding,
+                                             digits):
+  config = configs.get_config(name)
+  # Tied embeddings count once (count_params sums the model's leaves).
+  count = model_lib.count_params(config)
+  assert round(count / 1e9, digits[0]) == round(total / 1e9, digits[0]), count
+  if digits[1] > 0:
+    assert round(_non_embedding(config) / 1e9, digits[1]) == round(
+        non_embedding / 1e9, digits[1]), _non_embedding(config)
+  else:
+    assert round(_non_embedding(config), digits[1]) == non_embedding
+  assert config.name == name and config.qk_norm
+
+
+def test_published_gemma3_layer_pattern():
+  config = configs.get_config("gemma-3-1b")
+  # Every 6th layer is global (sliding_window_pattern 6): 5, 11, 17, 23.
+  assert [i for i, t in enumerate(config.layer_types)
+          if t == "full_attention"] == [5, 11, 17, 23]
+  spec = model_lib.layer_spec(config)
+  assert spec.window.shape == (26,) and int(spec.window[0]) == 512
+  assert spec.inv_freq.shape == (26, 128)
 
 
 def test_rope_frequencies_llama3_match_reference():
@@ -600,7 +694,9 @@ def test_explicit_positions_shift_equivariance():
     model(tokens, positions=positions[:, :5])
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+# Gemma 3's windows and per-layer RoPE in decoding: test_hf's
+# test_decode_matches_forward_on_fixtures, against transformers' logits.
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"gemma3"}))
 def test_decode_with_kv_cache_matches_forward(variant):
   model = _randomized(VARIANTS[variant])
   tokens = _tokens(2, 14, seed=6)
@@ -622,9 +718,17 @@ def test_decode_with_kv_cache_matches_forward(variant):
     (dict(num_heads=4, num_kv_heads=3), "divisible by `num_kv_heads`=3"),
     (dict(head_dim=7), "`head_dim` = 7 must be even"),
     (dict(num_kv_heads=0), "`num_kv_heads` must be None or a positive int"),
-    (dict(max_seq_len=512, sliding_window=256),
-     "sliding-window attention shorter than the sequence is not supported"),
     (dict(rope_scaling={"rope_type": "llama3"}), "must be None or a RopeScaling"),
+    (dict(layer_types=("full_attention",) * 3),
+     "`layer_types` must be None or `num_layers`=4 entries"),
+    (dict(layer_types=("global",) * 4), "`layer_types` must be None"),
+    (dict(layer_types=("sliding_attention",) * 4),
+     "has sliding_attention layers but `sliding_window` is None"),
+    (dict(hidden_act="gelu"), "unsupported `hidden_act` 'gelu'; supported: "
+     "silu, gelu_pytorch_tanh"),
+    (dict(query_pre_attn_scalar=0.0),
+     "`query_pre_attn_scalar` must be None or > 0"),
+    (dict(rope_local_theta=-1.0), "`rope_local_theta` must be None or > 0"),
 ])
 def test_invalid_feature_config_raises(overrides, message):
   with pytest.raises(ValueError, match=re.escape(message)):
@@ -634,6 +738,49 @@ def test_invalid_feature_config_raises(overrides, message):
 def test_rope_scaling_type_must_be_supported():
   with pytest.raises(ValueError, match="unsupported `rope_type` 'yarn'.*llama3"):
     configs.RopeScaling(4.0, 1.0, 4.0, 8192, rope_type="yarn")
+  # linear needs only the factor; llama3 needs all its fields.
+  assert configs.RopeScaling(8.0, rope_type="linear").factor == 8.0
+  with pytest.raises(ValueError, match="`factor` must be > 0 for rope_type "
+                     "'linear', got 0.0"):
+    configs.RopeScaling(0.0, rope_type="linear")
+  with pytest.raises(ValueError, match="`low_freq_factor` must be > 0 for "
+                     "rope_type 'llama3', got None"):
+    configs.RopeScaling(8.0)
+
+
+def test_rope_frequencies_linear_divides_by_factor():
+  scaling = configs.RopeScaling(8.0, rope_type="linear")
+  np.testing.assert_allclose(
+      model_lib.rope_frequencies(64, 1e6, scaling),
+      _np_rope_frequencies(64, 1e6, None) / 8.0, rtol=1e-6)
+
+
+def test_layer_spec_scans_per_layer_windows_and_rope():
+  config = VARIANTS["gemma3"]
+  spec = model_lib.layer_spec(config)
+  np.testing.assert_array_equal(spec.window, [5, config.max_seq_len, 5])
+  local = _np_rope_frequencies(16, 1e4, None)
+  full = _np_rope_frequencies(16, 1e6, None) / 2.0
+  np.testing.assert_allclose(spec.inv_freq, np.stack([local, full, local]),
+                             rtol=1e-6)
+  # Uniform configs have none: they compile as before.
+  for name in ("mha", "qwen3_qk_norm"):
+    assert model_lib.layer_spec(VARIANTS[name]) is None
+  # Mistral: every layer slides; a window at least max_seq_len long binds
+  # nowhere.
+  np.testing.assert_array_equal(model_lib.layer_spec(dataclasses.replace(
+      SMALL_F32, sliding_window=6)).window, [6, 6])
+  assert model_lib.layer_spec(dataclasses.replace(
+      SMALL_F32, sliding_window=SMALL.max_seq_len)) is None
+
+
+def test_block_without_its_layer_spec_is_an_error():
+  model = model_lib.Llama(VARIANTS["gemma3"], rngs=nnx.Rngs(0))
+  block = nnx.merge(*nnx.split(model.layers))  # the stacked block
+  x = jnp.zeros((1, 4, SMALL.hidden_size))
+  with pytest.raises(ValueError, match="per-layer sliding windows or RoPE "
+                     "bases; pass `spec`"):
+    block(x)
 
 
 def test_head_dim_and_kv_heads_default_to_multi_head():
@@ -642,6 +789,24 @@ def test_head_dim_and_kv_heads_default_to_multi_head():
   assert config == configs.get_config("60m", num_kv_heads=8, head_dim=64)
   # A window at least the sequence long changes nothing and is accepted.
   assert configs.get_config("tiny", sliding_window=256).sliding_window == 256
+
+
+@pytest.mark.parametrize("variant", ["qwen3_qk_norm", "gemma3"])
+def test_default_lowrank_mask_of_qwen3_and_gemma3(variant):
+  """q/k norm scales (L, head_dim) and the post-norms are 2-D but not
+  matrices: AdamW, not APOLLO; the projections stay low-rank."""
+  import apollo_optax  # pylint: disable=g-import-not-at-top
+  params = nnx.to_pure_dict(nnx.state(model_lib.Llama(
+      VARIANTS[variant], rngs=nnx.Rngs(0)), nnx.Param))
+  mask = {"/".join(k.key for k in path): value for path, value in
+          jax.tree_util.tree_leaves_with_path(
+              apollo_optax.default_lowrank_mask(params))}
+  lowrank = {key for key, value in mask.items() if value}
+  assert lowrank == {f"layers/attn/{n}_proj/kernel" for n in "qkvo"} | {
+      f"layers/mlp/{n}_proj/kernel" for n in ("gate", "up", "down")}
+  assert params["layers"]["attn"]["q_norm"]["scale"].ndim == 2
+  assert not mask["layers/attn/q_norm/scale"]
+  assert not mask["layers/attn/k_norm/scale"]
 
 
 def test_default_lowrank_mask_keeps_biases_on_adam():
