@@ -86,17 +86,45 @@ def _check(max_new_tokens: int, temperature: float, top_p: float,
     raise ValueError("generate: sampling (`temperature` > 0) needs a `key`.")
 
 
-def generate(model: model_lib.Llama, prompt: jax.Array, *,
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts of different lengths as one batch, padded on the left.
+
+  Returns:
+    ``(int32[B, T] tokens, int32[B] pad)``: ``T`` is the longest prompt and
+    row ``b`` starts with ``pad[b]`` copies of ``pad_id``.
+
+  Raises:
+    ValueError: no prompts, or an empty one.
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("left_pad: `prompts` must be a non-empty list of "
+                     "non-empty token id sequences.")
+  length = max(len(p) for p in prompts)
+  pad = np.asarray([length - len(p) for p in prompts], np.int32)
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  for row, p in enumerate(prompts):
+    tokens[row, pad[row]:] = p
+  return tokens, pad
+
+
+def generate(model: model_lib.Llama,
+             prompt: jax.Array | Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, key: jax.Array | None = None,
              eos_ids: Sequence[int] = (), pad_id: int | None = None
              ) -> jax.Array:
   """Continues every row of ``prompt`` by ``max_new_tokens`` tokens.
 
+  Prompts of different lengths are decoded together: they are padded on the
+  left (:func:`left_pad`), padding is masked out of attention and each row's
+  positions start at its first token, so every row gets the tokens it would
+  get alone.
+
   Args:
     model: The language model.
-    prompt: ``int[B, T]`` prompts of equal length (for prompts of different
-      lengths call once per prompt).
+    prompt: ``int[B, T]`` prompts of equal length, or a list of ``B`` token
+      id lists of any lengths.
     max_new_tokens: How many tokens to generate; ``T + max_new_tokens`` must
       not exceed ``model.config.max_seq_len``.
     temperature: 0 for greedy decoding, else the sampling temperature.
@@ -112,8 +140,13 @@ def generate(model: model_lib.Llama, prompt: jax.Array, *,
 
     model, config = hf.load_pretrained("ckpt")
     new = generate(model, jnp.array([[1, 15043, 29892]]), max_new_tokens=20)
+    new = generate(model, [[1, 15043], [1, 910, 338, 263]], max_new_tokens=20)
   """
   _check(max_new_tokens, temperature, top_p, key)
+  pad = None
+  if isinstance(prompt, (list, tuple)):
+    prompt, pad = left_pad(prompt, 0 if pad_id is None else pad_id)
+    pad = jnp.asarray(pad) if pad.any() else None
   prompt = jnp.asarray(prompt)
   if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"generate: `prompt` must be an integer array [batch, "
@@ -128,17 +161,17 @@ def generate(model: model_lib.Llama, prompt: jax.Array, *,
     pad_id = eos_ids[0] if eos_ids else 0
   key = jax.random.key(0) if key is None else key
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompt.astype(jnp.int32), key,
+  return _generate(graphdef, state, prompt.astype(jnp.int32), pad, key,
                    max_new_tokens, float(temperature), float(top_p),
                    tuple(int(i) for i in eos_ids), int(pad_id))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
-def _generate(graphdef, state, prompt, key, max_new_tokens, temperature,
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
+def _generate(graphdef, state, prompt, pad, key, max_new_tokens, temperature,
               top_p, eos_ids, pad_id):
   model = nnx.merge(graphdef, state)
   batch, length = prompt.shape
-  cache = model.init_cache(batch, length + max_new_tokens)
+  cache = model.init_cache(batch, length + max_new_tokens, pad=pad)
   logits, cache = model.decode(prompt, cache)
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
@@ -202,23 +235,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, _ = hf.load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
   except (OSError, ValueError) as e:
     parser.error(f"--checkpoint: {e}")
-  key = jax.random.key(args.seed)
-  for i, text in enumerate(args.prompt):
+  prompts = []
+  for text in args.prompt:
     if args.chat:
-      ids = tok.chat_prompt_ids([{"role": "user", "content": text}])
+      prompts.append(tok.chat_prompt_ids([{"role": "user", "content": text}]))
     else:
-      ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(text)
-    new = generate(model, jnp.asarray([ids]), key=jax.random.fold_in(key, i),
-                   max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_p=args.top_p,
-                   eos_ids=eos_ids)
-    new = [int(t) for t in np.asarray(new[0])]
+      prompts.append(([] if tok.bos_id is None else [tok.bos_id])
+                     + tok.encode(text))
+  new = generate(model, prompts, key=jax.random.key(args.seed),
+                 max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p,
+                 eos_ids=eos_ids)
+  for i, (text, row) in enumerate(zip(args.prompt, np.asarray(new).tolist())):
     # Cut at the first end-of-sequence token (it is not printed).
-    for j, t in enumerate(new):
-      if t in eos_ids:
-        new = new[:j]
-        break
-    print(f"### prompt {i + 1}: {text}\n{tok.decode(new, skip_special_tokens=True)}\n")
+    row = next((row[:j] for j, t in enumerate(row) if t in eos_ids), row)
+    print(f"### prompt {i + 1}: {text}\n{tok.decode(row, skip_special_tokens=True)}\n")
 
 
 if __name__ == "__main__":

@@ -183,11 +183,15 @@ class KVCache(NamedTuple):
     k: ``[L, B, S, K, D]`` rotated keys (``S`` = cache capacity).
     v: ``[L, B, S, K, D]`` values.
     length: ``int32[]``, how many positions are filled (the next position).
+    pad: optional ``int32[B]``, how many slots at the start of each row are
+      left padding (prompts of different lengths in one batch): they are
+      never attended to, and positions of a row start at its first token.
   """
 
   k: jax.Array
   v: jax.Array
   length: jax.Array
+  pad: jax.Array | None = None
 
 
 class LayerSpec(NamedTuple):
@@ -314,16 +318,21 @@ class Attention(nnx.Module):
 
   def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
              start: jax.Array, spec: LayerSpec | None = None,
+             pad: jax.Array | None = None,
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Attends ``x[B, T]`` at positions ``start..start+T-1`` to the cache.
+    """Attends ``x[B, T]`` in cache slots ``start..start+T-1`` to the cache.
 
     Writes this step's keys and values into ``k_cache``/``v_cache``
-    (``[B, S, K, D]``) and returns ``(out, k_cache, v_cache)``.
+    (``[B, S, K, D]``) and returns ``(out, k_cache, v_cache)``. With ``pad``
+    (``int32[B]``, left padding per row) slot ``s`` of row ``b`` holds
+    position ``s - pad[b]`` and slots below ``pad[b]`` are not attended to.
     """
     batch, seq_len, _ = x.shape
     spec = spec or LayerSpec()
-    positions = jnp.broadcast_to(
-        start + jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+    columns = start + jnp.arange(seq_len, dtype=jnp.int32)
+    positions = jnp.broadcast_to(columns, (batch, seq_len))
+    if pad is not None:
+      positions = jnp.maximum(positions - pad[:, None], 0)
     q, k, v = self._qkv(x, positions, spec.inv_freq)
     index = (0, start, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(
@@ -332,8 +341,14 @@ class Attention(nnx.Module):
         v_cache, v.astype(v_cache.dtype), index)
     # Query t sees cache slots 0 .. start + t (earlier and its own).
     slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
-    mask = (slots[None, :] <= positions[0][:, None])[None, None]
-    mask = _and(mask, _window_mask(positions[0], slots, spec.window))
+    mask = (slots[None, :] <= columns[:, None])[None, None]
+    mask = _and(mask, _window_mask(columns, slots, spec.window))
+    if pad is not None:
+      # Not the padding slots of its row; a padding query sees itself only,
+      # so its (unused) output stays finite.
+      real = slots[None, None, :] >= pad[:, None, None]
+      own = slots[None, None, :] == columns[None, :, None]
+      mask = mask & (real | own)[:, None]
     out = jax.nn.dot_product_attention(
         q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
         mask=mask, scale=self.scale)
@@ -403,11 +418,12 @@ class Block(nnx.Module):
 
   def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
              start: jax.Array, spec: LayerSpec | None = None,
+             pad: jax.Array | None = None,
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """As ``__call__`` for new tokens at ``start..``, through the KV cache."""
     self._check(spec)
     attn, k_cache, v_cache = self.attn.decode(
-        self.attn_norm(x), k_cache, v_cache, start, spec)
+        self.attn_norm(x), k_cache, v_cache, start, spec, pad)
     x = x + self._post("post_attn_norm", attn)
     mlp = self._post("post_mlp_norm", self.mlp(self.mlp_norm(x)))
     return x + mlp, k_cache, v_cache
@@ -550,9 +566,13 @@ class Llama(nnx.Module):
         transform_metadata={nnx.PARTITION_NAME: None})(x, *xs)
     return self.logits(x)
 
-  def init_cache(self, batch: int, max_len: int,
-                 dtype: Any = None) -> KVCache:
-    """An empty :class:`KVCache` for ``batch`` rows of up to ``max_len``."""
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None,
+                 pad: jax.Array | None = None) -> KVCache:
+    """An empty :class:`KVCache` for ``batch`` rows of up to ``max_len``.
+
+    ``pad`` (``int[batch]``): left padding of each row's prompt, for prompts
+    of different lengths in one batch (see :class:`KVCache`).
+    """
     config = self.config
     if not 0 < max_len <= config.max_seq_len:
       raise ValueError(
@@ -561,8 +581,13 @@ class Llama(nnx.Module):
     shape = (config.num_layers, batch, max_len, config.num_kv_heads,
              config.head_dim)
     dtype = config.dtype if dtype is None else dtype
+    if pad is not None:
+      pad = jnp.asarray(pad, jnp.int32)
+      if pad.shape != (batch,):
+        raise ValueError(f"Llama.init_cache: `pad` must have shape ({batch},),"
+                         f" got {pad.shape}.")
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((), jnp.int32))
+                   jnp.zeros((), jnp.int32), pad)
 
   def decode(self, tokens: jax.Array,
              cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -584,7 +609,8 @@ class Llama(nnx.Module):
     spec = layer_spec(self.config)
 
     def apply_block(x, block, k, v, *spec):
-      x, k, v = block.decode(x, k, v, start, spec[0] if spec else None)
+      x, k, v = block.decode(x, k, v, start, spec[0] if spec else None,
+                             cache.pad)
       return x, (k, v)
 
     xs = (self.layers, cache.k, cache.v) + (() if spec is None else (spec,))
@@ -592,7 +618,7 @@ class Llama(nnx.Module):
         apply_block, in_axes=(nnx.Carry,) + (0,) * len(xs),
         out_axes=(nnx.Carry, 0),
         transform_metadata={nnx.PARTITION_NAME: None})(x, *xs)
-    return self.logits(x), KVCache(k, v, start + tokens.shape[1])
+    return self.logits(x), KVCache(k, v, start + tokens.shape[1], cache.pad)
 
 
 def tied_logits(x: jax.Array, embedding: jax.Array, dtype: Any) -> jax.Array:

@@ -50,6 +50,48 @@ def test_greedy_matches_full_forward(llama3):
   np.testing.assert_array_equal(nucleus, new)
 
 
+@pytest.mark.parametrize("fixture,lengths", [
+    ("llama3", (3, 7, 5)), ("llama3", (6, 6)),
+    ("gemma3", (2, 7, 4))])  # Gemma 3: sliding window 4, own RoPE bases.
+def test_batched_prompts_match_one_by_one(llama3, fixture, lengths):
+  """Left-padded prompts of different lengths give every row the tokens it
+  gets alone (padding masked, positions from each row's first token)."""
+  model = llama3 if fixture == "llama3" else hf.load_pretrained(
+      FIXTURES / fixture)[0]
+  tokens = np.load(FIXTURES / "tokens.npy").astype(np.int32)
+  prompts = [tokens[i % 2, :n].tolist() for i, n in enumerate(lengths)]
+  batched = np.asarray(gen.generate(model, prompts, max_new_tokens=6))
+  assert batched.shape == (len(lengths), 6)
+  for row, prompt in zip(batched, prompts):
+    alone = np.asarray(gen.generate(model, jnp.asarray([prompt]),
+                                    max_new_tokens=6))[0]
+    np.testing.assert_array_equal(row, alone)
+
+
+def test_padded_prefill_logits_match_unpadded(llama3):
+  """The logits of a left-padded row equal those of the row alone."""
+  tokens = np.load(FIXTURES / "tokens.npy").astype(np.int32)
+  short, long = tokens[0, :4].tolist(), tokens[1, :7].tolist()
+  batch, pad = gen.left_pad([short, long])
+  np.testing.assert_array_equal(pad, [3, 0])
+  decode = nnx.jit(lambda m, t, c: m.decode(t, c)[0])
+  padded = decode(llama3, jnp.asarray(batch),
+                  llama3.init_cache(2, 8, jnp.float32, pad=pad))
+  alone = decode(llama3, jnp.asarray([short]),
+                 llama3.init_cache(1, 8, jnp.float32))
+  assert np.isfinite(np.asarray(padded)).all()
+  np.testing.assert_allclose(padded[0, 3:], alone[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(padded[1], llama3(jnp.asarray([long]))[0],
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_left_pad_errors():
+  with pytest.raises(ValueError, match="`prompts`"):
+    gen.left_pad([[1, 2], []])
+  with pytest.raises(ValueError, match="`prompts`"):
+    gen.left_pad([])
+
+
 def test_eos_stops_a_row(llama3):
   prompt = np.load(FIXTURES / "tokens.npy")[:, :5].astype(np.int32)
   greedy = np.asarray(gen.generate(llama3, prompt, max_new_tokens=8))
