@@ -3,7 +3,8 @@
 Flag names, defaults, types, choices and help all come from the fields of
 :class:`apollo_lm.run_config.TrainConfig` and their metadata; nothing here
 repeats them. Errors (:class:`apollo_lm.errors.ConfigError`) become argparse
-errors (``usage: ...``, exit status 2) naming the flag.
+errors naming the flag: one line ``prog: error: --flag: ...`` on stderr and
+exit status 2 (:func:`fail`), for every entry point of ``apollo_lm``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 
@@ -102,15 +104,29 @@ def as_config(options: TrainConfig | Mapping[str, Any] | Sequence[str] | None
   return TrainConfig.from_options(options)
 
 
+def fail(prog: str, message: str) -> NoReturn:
+  """Exits as argparse does on a usage error (status 2), without a traceback
+  and without the usage text: one line ``prog: error: message`` on stderr.
+
+  The command-line error of every entry point (``apollo_lm.train``,
+  ``.finetune``, ``.generate``) for an invalid option or input: a missing
+  folder or tokenizer, an unsupported architecture, a corrupt weight file.
+  (A data report listing bad records, ``--strict-data``, follows on the next
+  lines.)
+  """
+  print(f"{prog}: error: {message}", file=sys.stderr)
+  raise SystemExit(2)
+
+
 def parse_or_exit(parser: argparse.ArgumentParser,
                   argv: Sequence[str] | None,
                   cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
-  """Like :func:`parse_args`, but a ConfigError exits via ``parser.error``."""
+  """Like :func:`parse_args`, but a ConfigError exits via :func:`fail`."""
   namespace = parser.parse_args(argv)
   try:
     return cls(**vars(namespace))
   except ConfigError as e:
-    parser.error(str(e))
+    fail(parser.prog, str(e))
 
 
 def run_main(run: Callable[[Any], Any], argv: Sequence[str] | None,
@@ -119,15 +135,15 @@ def run_main(run: Callable[[Any], Any], argv: Sequence[str] | None,
 
   The shared body of the ``main()`` of ``apollo_lm.train`` and
   ``apollo_lm.finetune``: option errors (also those raised by ``run``) exit
-  via ``parser.error`` with status 2; process 0 prints ``result.summary()``
-  as JSON.
+  via :func:`fail` with status 2; process 0 prints ``result.summary()`` as
+  JSON.
   """
   parser = build_parser(cls, **parser_kwargs)
   config = parse_or_exit(parser, argv, cls)
   try:
     result = run(config)
   except ConfigError as e:
-    parser.error(str(e))
+    fail(parser.prog, str(e))
   if jax.process_index() == 0:
     print(json.dumps(result.summary(), indent=1))
   return 0

@@ -33,6 +33,7 @@ lr 1e-5, layer-wise updates and pure bf16; pass ``--rank 16 --scale 32 --lr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -49,6 +50,7 @@ from apollo_lm import cli
 from apollo_lm import configs
 from apollo_lm import geometry as geometry_lib
 from apollo_lm import hf
+from apollo_lm import hub
 from apollo_lm import layerwise
 from apollo_lm import optimizers
 from apollo_lm import sft
@@ -123,7 +125,12 @@ class FinetuneConfig(TrainConfig):
   # Fine-tuning options.
   checkpoint: str | None = option(
       None, "Hugging Face model folder (config.json, *.safetensors, "
-      "tokenizer.json)", group="finetune", metavar="DIR")
+      "tokenizer.json) or Hub model id org/name (from the Hugging Face "
+      "cache; downloaded unless HF_HUB_OFFLINE=1)", group="finetune",
+      metavar="DIR|ID")
+  revision: str | None = option(
+      None, "branch, tag or commit of a Hub --checkpoint (default: main)",
+      group="finetune")
   eval_fraction: float = option(
       0.05, "share of --data held out when there is no --eval-data",
       group="finetune")
@@ -165,11 +172,11 @@ class FinetuneConfig(TrainConfig):
   def validate(self) -> None:
     super().validate()
     if not self.checkpoint:
-      raise ConfigError("--checkpoint", "a Hugging Face model folder is "
-                        "required.")
-    if not pathlib.Path(self.checkpoint, "config.json").is_file():
-      raise ConfigError("--checkpoint", f"{self.checkpoint}: no config.json "
-                        "(expected a Hugging Face model folder).")
+      raise ConfigError("--checkpoint", "a Hugging Face model folder or Hub "
+                        "id is required.")
+    local = pathlib.Path(self.checkpoint)
+    if local.exists() or not hub.is_repo_id(self.checkpoint):
+      checkpoint_dir(self)  # A Hub id is fetched when the run starts.
     if not self.data:
       raise ConfigError("--data", "fine-tuning data is required (JSON lines "
                         "or text files).")
@@ -186,9 +193,31 @@ class FinetuneConfig(TrainConfig):
         ("head",) if self.freeze_head else ())
 
 
+def checkpoint_dir(config: FinetuneConfig) -> pathlib.Path:
+  """The local folder of ``--checkpoint`` (a Hub id: its cached snapshot).
+
+  Raises:
+    ConfigError: no such folder or Hub id, or no ``config.json`` in it.
+  """
+  try:
+    root = _resolve(config.checkpoint, config.revision)
+  except OSError as e:
+    raise ConfigError("--checkpoint", str(e)) from None
+  if not (root / "config.json").is_file():
+    raise ConfigError("--checkpoint", f"{root}: no config.json (expected a "
+                      "Hugging Face model folder).")
+  return root
+
+
+@functools.cache
+def _resolve(checkpoint: str, revision: str | None) -> pathlib.Path:
+  # Once per run: a Hub id asks the Hub for its commit at each resolution.
+  return hub.resolve_checkpoint(checkpoint, revision=revision)
+
+
 def checkpoint_config(config: FinetuneConfig) -> configs.LlamaConfig:
   """The model config of ``config.checkpoint`` with the run's dtypes."""
-  hf_config = json.loads(pathlib.Path(config.checkpoint, "config.json").read_text())
+  hf_config = json.loads((checkpoint_dir(config) / "config.json").read_text())
   try:
     llama = hf.config_from_hf(
         hf_config, max_seq_len=config.seq_len,
@@ -207,7 +236,7 @@ def load_data(config: FinetuneConfig,
               geometry: geometry_lib.Geometry) -> train_lib.RunData:
   """The SFT data of ``config`` (``data_fn`` of the loop)."""
   try:
-    tok = tokenizer_lib.load_checkpoint_tokenizer(config.checkpoint)
+    tok = tokenizer_lib.load_checkpoint_tokenizer(checkpoint_dir(config))
   except (OSError, ValueError) as e:
     raise ConfigError("--checkpoint", str(e)) from e
   try:
@@ -241,7 +270,7 @@ def load_model(config: FinetuneConfig, llama: configs.LlamaConfig,
   """The checkpoint's weights, sharded (``model_fn`` of the loop)."""
   try:
     model, _ = hf.load_pretrained(
-        config.checkpoint, dtype=llama.param_dtype, compute_dtype=llama.dtype,
+        checkpoint_dir(config), dtype=llama.param_dtype, compute_dtype=llama.dtype,
         max_seq_len=llama.max_seq_len, mesh=geometry.mesh, remat=llama.remat,
         **config.model_overrides())
   except (OSError, ValueError) as e:
@@ -303,12 +332,12 @@ def save_hf(config: FinetuneConfig, llama: configs.LlamaConfig,
   hf.save_pretrained(model, llama, out)
   # Metadata the model config does not hold; the context length is the
   # checkpoint's, not this run's --seq-len.
-  base = json.loads(pathlib.Path(config.checkpoint, "config.json").read_text())
+  base = json.loads((checkpoint_dir(config) / "config.json").read_text())
   written = json.loads((out / "config.json").read_text())
   written.update({k: base[k] for k in _KEPT_CONFIG_KEYS if k in base})
   (out / "config.json").write_text(json.dumps(written, indent=2) + "\n")
   for name in _TOKENIZER_FILES:
-    source = pathlib.Path(config.checkpoint, name)
+    source = checkpoint_dir(config) / name
     if source.is_file():
       shutil.copy(source, out / name)
 

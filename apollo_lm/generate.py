@@ -22,9 +22,10 @@ Sampling: with ``temperature == 0`` the most likely token (greedy); otherwise
 from ``softmax(logits / temperature)`` restricted to the smallest set of
 most likely tokens whose probability reaches ``top_p`` (nucleus sampling).
 
-Command line, on a Hugging Face folder (e.g. written by ``--save-hf``)::
+Command line, on a Hugging Face folder (e.g. written by ``--save-hf``) or a
+Hub model id such as ``Qwen/Qwen3-0.6B``::
 
-  python -m apollo_lm.generate --checkpoint DIR --prompt "Once upon a time" \
+  python -m apollo_lm.generate --checkpoint DIR|ID --prompt "Once upon a time" \
       [--chat] [--max-new-tokens 64] [--temperature 0.7 --top-p 0.9 --seed 0]
 """
 
@@ -197,17 +198,25 @@ def _generate(graphdef, state, prompt, pad, key, max_new_tokens, temperature,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """Command line: generate from a Hugging Face checkpoint folder."""
-  # Imported here: the library functions above need neither.
+  """Command line: generate from a Hugging Face checkpoint (folder or id);
+  bad options and checkpoints exit with status 2 and one line."""
+  # Imported here: the library functions above need none of them.
+  from apollo_lm import cli  # pylint: disable=g-import-not-at-top
   from apollo_lm import hf  # pylint: disable=g-import-not-at-top
+  from apollo_lm import hub  # pylint: disable=g-import-not-at-top
   from apollo_lm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(
       prog="python -m apollo_lm.generate",
-      description="Generate text from a Hugging Face checkpoint folder "
-      "(config.json, safetensors, tokenizer.json) with a KV cache.")
+      description="Generate text from a Hugging Face checkpoint (a folder "
+      "with config.json, safetensors and tokenizer.json, or a Hub model id) "
+      "with a KV cache.")
   parser.add_argument("--checkpoint", required=True,
-                      help="Hugging Face folder (e.g. from --save-hf)")
+                      help="Hugging Face folder (e.g. from --save-hf) or Hub "
+                      "model id org/name (from the Hugging Face cache; "
+                      "downloaded unless HF_HUB_OFFLINE=1)")
+  parser.add_argument("--revision", default=None,
+                      help="branch, tag or commit of a Hub --checkpoint")
   parser.add_argument("--prompt", action="append", required=True,
                       help="prompt text; repeat for several prompts")
   parser.add_argument("--chat", action="store_true",
@@ -225,16 +234,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   try:
     _check(args.max_new_tokens, args.temperature, args.top_p, 0)
   except ValueError as e:
-    parser.error(str(e).replace("generate: `max_new_tokens`",
-                                "--max-new-tokens").replace(
-                                    "`temperature`", "--temperature").replace(
-                                        "`top_p`", "--top-p"))
+    cli.fail(parser.prog, str(e).replace(
+        "generate: `max_new_tokens`", "--max-new-tokens").replace(
+            "`temperature`", "--temperature").replace("`top_p`", "--top-p"))
   try:
-    tok = tokenizer_lib.load_checkpoint_tokenizer(args.checkpoint)
-    eos_ids = hf.eos_token_ids(args.checkpoint) or (tok.eos_id,)
-    model, _ = hf.load_pretrained(args.checkpoint, dtype=jnp.dtype(args.dtype))
+    folder = hub.resolve_checkpoint(args.checkpoint, revision=args.revision)
+    tok = tokenizer_lib.load_checkpoint_tokenizer(folder)
+    eos_ids = hf.eos_token_ids(folder) or (tok.eos_id,)
+    model, _ = hf.load_pretrained(folder, dtype=jnp.dtype(args.dtype))
   except (OSError, ValueError) as e:
-    parser.error(f"--checkpoint: {e}")
+    cli.fail(parser.prog, f"--checkpoint: {e}")
   prompts = []
   for text in args.prompt:
     if args.chat:

@@ -20,7 +20,8 @@ tensor by tensor: every per-layer tensor is copied into a host buffer of its
 stacked ``(L, ...)`` leaf, which then goes to its devices, so host memory
 stays at about one stacked leaf, never the whole model. :func:`save_pretrained`
 writes a folder that ``transformers`` loads (``save_pretrained`` layout,
-shards of at most 5 GB). Nothing is downloaded. The tokenizer is read by
+shards of at most 5 GB). A Hub model id instead of a folder is resolved by
+:mod:`apollo_lm.hub` (the Hugging Face cache, downloaded unless offline). The tokenizer is read by
 :func:`apollo_lm.tokenizer.load_checkpoint_tokenizer` (``tokenizer.json``); generation stop ids
 by :func:`eos_token_ids`.
 
@@ -69,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apollo_lm import configs
+from apollo_lm import hub
 from apollo_lm import model as model_lib
 from apollo_lm import sharding as sharding_lib
 from apollo_lm.errors import ConfigError
@@ -469,9 +471,12 @@ class _Reader:
       weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
       self.location = {name: root / file for name, file in weight_map.items()}
     else:
+      gguf = sorted(root.glob("*.gguf"))
+      if gguf:
+        raise FileNotFoundError(hub.gguf_message(gguf[0]))
       raise FileNotFoundError(
-          f"apollo_lm.hf: {root} has neither {SINGLE_FILE} nor {INDEX_FILE} "
-          f"(only safetensors checkpoints are supported).")
+          f"{root}: neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors "
+          f"checkpoints are supported).")
     self._handles: dict[pathlib.Path, Any] = {}
 
   def _open(self, file: pathlib.Path):
@@ -500,13 +505,15 @@ class _Reader:
 def load_pretrained(
     path: PathLike, *, dtype: Any = jnp.float32, compute_dtype: Any = None,
     max_seq_len: int | None = None, mesh: jax.sharding.Mesh | None = None,
-    shardings: Any = None, **overrides: Any,
+    shardings: Any = None, revision: str | None = None, **overrides: Any,
 ) -> tuple[model_lib.Llama, configs.LlamaConfig]:
-  """Loads a local Hugging Face folder of :data:`SUPPORTED_ARCHITECTURES`.
+  """Loads a Hugging Face checkpoint of :data:`SUPPORTED_ARCHITECTURES`.
 
   Args:
     path: Folder with ``config.json`` and ``model.safetensors`` or
-      ``model.safetensors.index.json`` plus its shards.
+      ``model.safetensors.index.json`` plus its shards, or a Hub model id
+      ``org/name`` (:func:`apollo_lm.hub.resolve_checkpoint`: from the
+      Hugging Face cache, downloaded unless ``HF_HUB_OFFLINE=1``).
     dtype: Storage dtype of the parameters (e.g. ``jnp.bfloat16``).
     compute_dtype: Compute dtype of the model; default ``dtype``.
     max_seq_len: Longest sequence; default ``max_position_embeddings``.
@@ -515,13 +522,15 @@ def load_pretrained(
     shardings: Optional ``nnx.State`` of ``jax.sharding.Sharding`` for the
       parameters (as :func:`apollo_lm.sharding.param_shardings` returns),
       instead of ``mesh``.
+    revision: Branch, tag or commit of a Hub id (default ``main``).
     **overrides: Other :class:`LlamaConfig` fields (``remat=True`` ...).
 
   Returns:
     ``(model, config)``; ``config.name`` is the checkpoint's architecture.
 
   Raises:
-    FileNotFoundError: no config or weights in ``path``.
+    FileNotFoundError: no such folder or Hub id, no config or weights in
+      it, or a GGUF file.
     ValueError: an unsupported feature (see :func:`config_from_hf`),
       missing, unexpected or mis-shaped tensors (named), or a weight file
       that is not a complete safetensors file (named).
@@ -531,10 +540,11 @@ def load_pretrained(
     model, config = load_pretrained("ckpt", dtype=jnp.bfloat16,
                                     mesh=sharding.make_mesh(1, 8, 1))
   """
-  root = pathlib.Path(path)
+  root = hub.resolve_checkpoint(path, revision=revision)
   config_path = root / "config.json"
   if not config_path.exists():
-    raise FileNotFoundError(f"apollo_lm.hf: no config.json in {root}.")
+    raise FileNotFoundError(f"{root}: no config.json (expected a Hugging Face "
+                            f"model folder).")
   config = config_from_hf(
       json.loads(config_path.read_text()), max_seq_len=max_seq_len,
       param_dtype=dtype, dtype=compute_dtype, **overrides)
@@ -662,13 +672,15 @@ def save_pretrained(model: model_lib.Llama, config: configs.LlamaConfig,
   return files
 
 
-def eos_token_ids(path: PathLike) -> tuple[int, ...]:
+def eos_token_ids(path: PathLike, *, revision: str | None = None
+                  ) -> tuple[int, ...]:
   """End-of-sequence ids for generation (Llama 3 has several).
 
   From ``generation_config.json``'s ``eos_token_id`` (an int or a list),
-  else ``config.json``'s; empty when neither names one.
+  else ``config.json``'s; empty when neither names one. ``path`` is a folder
+  or a Hub id, as for :func:`load_pretrained`.
   """
-  root = pathlib.Path(path)
+  root = hub.resolve_checkpoint(path, revision=revision)
   for file in ("generation_config.json", "config.json"):
     if (root / file).exists():
       value = json.loads((root / file).read_text()).get("eos_token_id")

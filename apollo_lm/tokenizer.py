@@ -40,6 +40,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from apollo_lm import chat_template
+from apollo_lm import hub
 
 EOS_TOKEN = "<|endoftext|>"
 """The end-of-document token; it gets id 0 in tokenizers trained here."""
@@ -95,13 +96,17 @@ def load_tokenizer(source: str | os.PathLike[str], *,
 
   Raises:
     ValueError: ``source`` is neither a file, a folder with a
-      ``tokenizer.json``, nor a loadable Hub tokenizer.
+      ``tokenizer.json``, nor a loadable Hub tokenizer; or the file is not a
+      readable ``tokenizer.json``.
   """
   path = pathlib.Path(source)
   if path.is_dir():
     path = path / "tokenizer.json"
   if path.is_file():
-    tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # The Rust parser's errors.
+      raise ValueError(f"{path}: not a readable tokenizer.json ({e}).") from None
   else:
     try:
       tokenizer = tokenizers.Tokenizer.from_pretrained(str(source))
@@ -277,9 +282,11 @@ def _special_token(value: Any) -> str | None:
   return value
 
 
-def load_checkpoint_tokenizer(checkpoint: str | os.PathLike[str]
+def load_checkpoint_tokenizer(checkpoint: str | os.PathLike[str], *,
+                              revision: str | None = None
                               ) -> CheckpointTokenizer:
-  """Reads a Hugging Face checkpoint folder's tokenizer.
+  """Reads a Hugging Face checkpoint's tokenizer (a folder or a Hub id,
+  resolved by :func:`apollo_lm.hub.resolve_checkpoint`).
 
   Reads ``tokenizer.json`` (required), ``tokenizer_config.json`` (special
   tokens and ``chat_template``; a list of named templates picks ``default``),
@@ -287,10 +294,11 @@ def load_checkpoint_tokenizer(checkpoint: str | os.PathLike[str]
   the config names none, ``generation_config.json`` / ``config.json``.
 
   Raises:
-    FileNotFoundError: no ``tokenizer.json`` in ``checkpoint``.
+    FileNotFoundError: no such folder or Hub id, or no ``tokenizer.json``
+      in it.
     ValueError: no EOS token can be found.
   """
-  root = pathlib.Path(checkpoint)
+  root = hub.resolve_checkpoint(checkpoint, revision=revision)
   path = root / "tokenizer.json"
   if not path.is_file():
     raise FileNotFoundError(
