@@ -10,6 +10,7 @@ small_config, init_params``.
 """
 
 import functools
+import json
 import pathlib
 import shutil
 import sysconfig
@@ -20,6 +21,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import pytest
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
 
 from apollo_lm import configs
 from apollo_lm import data as data_lib
@@ -58,6 +61,35 @@ def init_params(config: configs.LlamaConfig, seed: int = 0
 SMALL_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                "num_layers": 2}
 VOCAB_SIZE = 320
+
+HF_FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+"""The tiny Hugging Face checkpoints made by transformers (make hf-fixtures)."""
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?:.,#\n"
+
+
+def char_tokenizer() -> tokenizers.Tokenizer:
+  """One token per character of :data:`CHARS` (ids 4...), fitting the
+  64-token vocabulary of the fixtures; ``<s>`` 1, ``</s>`` 2, ``<|eot|>`` 3."""
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|eot|>": 3}
+  vocab.update({c: i + 4 for i, c in enumerate(CHARS)})
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"),
+                                           "isolated")
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens(["<s>", "</s>", "<|eot|>"])
+  return tok
+
+
+def write_hf_checkpoint(folder: pathlib.Path, fixture: str = "llama3",
+                        **tokenizer_config: Any) -> pathlib.Path:
+  """``folder``: the fixture's weights and config plus :func:`char_tokenizer`
+  (``tokenizer.json``, ``tokenizer_config.json`` with ``tokenizer_config``)."""
+  shutil.copytree(HF_FIXTURES / fixture, folder)
+  char_tokenizer().save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>", **tokenizer_config}))
+  return folder
 
 
 def _small_run(corpus_dir: pathlib.Path, **flags: Any) -> dict[str, Any]:

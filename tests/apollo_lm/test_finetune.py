@@ -74,34 +74,14 @@ def test_freeze_unknown_part():
 # RoPE; tests/fixtures/hf/llama3) with a character tokenizer of its 64 ids.
 
 import json
-import pathlib
 import shutil
 
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
-
-FIXTURE = pathlib.Path(__file__).parent.parent / "fixtures" / "hf" / "llama3"
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +=?:.,#\n"
-
-
-def _char_tokenizer() -> tokenizers.Tokenizer:
-  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|eot|>": 3}
-  vocab.update({c: i + 4 for i, c in enumerate(CHARS)})
-  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), "isolated")
-  tok.decoder = decoders.Fuse()
-  tok.add_special_tokens(["<s>", "</s>", "<|eot|>"])
-  return tok
+from tests.apollo_lm.conftest import write_hf_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("ckpt") / "llama3"
-  shutil.copytree(FIXTURE, folder)
-  _char_tokenizer().save(str(folder / "tokenizer.json"))
-  (folder / "tokenizer_config.json").write_text(json.dumps(
-      {"bos_token": "<s>", "eos_token": "</s>"}))
-  return folder
+  return write_hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama3")
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +200,7 @@ def test_prompt_tokens_get_no_gradient(checkpoint, sft_file):
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     ([], "--checkpoint: a Hugging Face model folder is required"),
-    (["--checkpoint", "/nonexistent"], "--checkpoint: /nonexistent: no config.json"),
+    (["--checkpoint", "/nonexistent"], "--checkpoint: /nonexistent: no such folder"),
     (["--checkpoint", "NOTOKENIZER", "--data", "DATA"],
      "--checkpoint: .*tokenizer.json: no such file"),
     (["--checkpoint", "TRUNCATED", "--data", "DATA"],

@@ -308,8 +308,11 @@ def test_missing_unexpected_and_misshaped_tensors(tmp_path):
   with pytest.raises(FileNotFoundError, match="neither model.safetensors nor "
                      "model.safetensors.index.json"):
     hf.load_pretrained(path)
-  with pytest.raises(FileNotFoundError, match="no config.json"):
+  with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
     hf.load_pretrained(tmp_path / "nowhere")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="empty: no config.json"):
+    hf.load_pretrained(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("name, file, keep", [
