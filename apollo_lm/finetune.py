@@ -105,9 +105,20 @@ class FinetuneConfig(TrainConfig):
                                                   group="data", cli=False)
   hf_tokenizer: str = option("t5-base", "unused", group="data", cli=False)
   data: tuple[str, ...] | None = option(
-      None, "fine-tuning data: JSON lines ({prompt, completion} or {messages}) "
-      "or plain text files for continued pre-training (apollo_lm.sft)",
-      group="data", nargs="+", metavar="PATH")
+      None, "fine-tuning data: JSON/JSON-lines, csv or parquet files, a "
+      "datasets save_to_disk folder or a Hub dataset id, of prompt/completion"
+      ", messages, Alpaca or ShareGPT records; or plain text files for "
+      "continued pre-training (apollo_lm.sft)", group="data", nargs="+",
+      metavar="PATH|ID")
+  data_format: str = option(
+      "auto", "layout of the records (auto: detected per source)",
+      group="data", choices=sft.DATA_FORMATS)
+  data_split: str = option(
+      "train", "split of a Hub dataset or saved DatasetDict", group="data")
+  data_columns: str | None = option(
+      None, "map source columns to record keys, e.g. instruction=question,"
+      f"output=answer (keys: {', '.join(sft.COLUMNS)})", group="data",
+      metavar="KEY=COLUMN,...")
   eval_data: tuple[str, ...] | None = option(
       None, "held-out data of the same kind (default: --eval-fraction of "
       "--data)", group="data", nargs="+", metavar="PATH")
@@ -178,8 +189,12 @@ class FinetuneConfig(TrainConfig):
     if local.exists() or not hub.is_repo_id(self.checkpoint):
       checkpoint_dir(self)  # A Hub id is fetched when the run starts.
     if not self.data:
-      raise ConfigError("--data", "fine-tuning data is required (JSON lines "
-                        "or text files).")
+      raise ConfigError("--data", "fine-tuning data is required (records or "
+                        "text files).")
+    try:
+      sft.parse_columns(self.data_columns)
+    except ValueError as e:
+      raise ConfigError("--data-columns", str(e)) from None
     if self.mu_dtype is not None and self.optimizer == "adafactor":
       raise ConfigError("--mu-dtype", "adafactor has no first moment (no "
                         "momentum) whose dtype could be set.")
@@ -244,7 +259,9 @@ def load_data(config: FinetuneConfig,
         list(config.data), tok, geometry.seq_len,
         eval_data=None if config.eval_data is None else list(config.eval_data),
         eval_fraction=config.eval_fraction, strict=config.strict_data,
-        seed=config.seed)
+        seed=config.seed, data_format=config.data_format,
+        columns=sft.parse_columns(config.data_columns),
+        split=config.data_split)
   except (OSError, ValueError) as e:
     raise ConfigError("--data", str(e)) from e
   local = dict(process_index=geometry.process_index,

@@ -13,31 +13,67 @@
 # limitations under the License.
 """Supervised fine-tuning data: records in, packed next-token rows out.
 
-Data formats (chosen by the file name):
+Sources (``--data``, each one of):
 
-* ``*.jsonl`` / ``*.json`` (one JSON object per line), either
-
-  - ``{"prompt": str, "completion": str}``: tokenized as
-    ``[bos] + prompt + completion + [eos]`` (``bos`` only if the checkpoint's
-    ``tokenizer_config.json`` names a ``bos_token``). The two strings are
-    concatenated as given, as TRL does for "standard" prompt-completion data:
-    put the separator (a space or newline) at the end of the prompt. The loss
-    counts the completion tokens and the EOS.
-  - ``{"messages": [{"role": ..., "content": ...}, ...]}`` (chat), rendered
-    with the checkpoint's chat template (``chat_template`` in
-    ``tokenizer_config.json``, or a ``chat_template.jinja`` file) through
-    ``jinja2``, as ``transformers``' ``apply_chat_template`` does. The loss
-    counts every assistant turn: the text the template adds between the
-    generation prompt and the end of that turn (for Llama 3 the content and
-    ``<|eot_id|>``). Without a template, the documented plain format
-    ``apollo_lm.chat_template.PLAIN_CHAT_FORMAT`` is used. TRL's
-    conversational prompt-completion
-    (``prompt`` and ``completion`` both lists of messages) is rendered the
-    same way, counting only the assistant turns of ``completion``.
-
-* any other file: plain text for continued pre-training, tokenized with the
+* a JSON file: ``*.jsonl`` / ``*.json``, one JSON object per line, or a
+  ``*.json`` holding one JSON array of objects (LLaMA-Factory's
+  ``alpaca_data.json``); bad records are reported with their line;
+* a table file, ``*.csv`` or ``*.parquet``, read with ``datasets``;
+* a folder written by ``datasets``' ``save_to_disk`` (``load_from_disk``; a
+  ``DatasetDict`` gives its ``split``);
+* a Hugging Face Hub dataset id ``org/name`` that is not a local path
+  (``datasets.load_dataset(id, split=split)``; the Hugging Face cache,
+  ``HF_HUB_OFFLINE`` as ``datasets`` reads it);
+* anything else: plain text for continued pre-training, tokenized with the
   checkpoint's tokenizer, each file followed by EOS, cut into windows of
   ``seq_len + 1`` tokens as pre-training does; every token counts.
+
+Records of a ``datasets`` source are numbered by row (``path[row N]``).
+``columns`` (``--data-columns instruction=question,output=answer``) renames a
+source's columns to the names below before anything else.
+
+Record layouts (``data_format``; ``"auto"`` detects it per source from the
+first record that names one; a forced layout that the first record does not
+have is an error):
+
+* ``prompt_completion``: ``{"prompt": str, "completion": str}``, tokenized as
+  ``[bos] + prompt + completion + [eos]`` (``bos`` only if the checkpoint's
+  ``tokenizer_config.json`` names a ``bos_token``). The two strings are
+  concatenated as given, as TRL does for "standard" prompt-completion data:
+  put the separator (a space or newline) at the end of the prompt. The loss
+  counts the completion tokens and the EOS. TRL's conversational
+  prompt-completion (``prompt`` and ``completion`` both lists of messages) is
+  rendered as ``messages``, counting only the assistant turns of
+  ``completion``.
+* ``messages`` (OpenAI / TRL conversational):
+  ``{"messages": [{"role": ..., "content": ...}, ...]}``, rendered with the
+  checkpoint's chat template (``chat_template`` in ``tokenizer_config.json``,
+  or a ``chat_template.jinja`` file) through ``jinja2``, as
+  ``transformers``' ``apply_chat_template`` does. The loss counts every
+  assistant turn: the text the template adds between the generation prompt
+  and the end of that turn (for Llama 3 the content and ``<|eot_id|>``), as
+  TRL's ``assistant_only_loss``. Without a template, the documented plain
+  format ``apollo_lm.chat_template.PLAIN_CHAT_FORMAT`` is used. With
+  ``"auto"`` a file may mix ``messages`` and ``prompt``/``completion``
+  records (TRL's standard layouts).
+* ``alpaca``: ``{"instruction", "input", "output"}`` and optional
+  ``"system"`` and ``"history"`` (``[[query, response], ...]``), as
+  LLaMA-Factory reads it: the user turn is ``instruction + "\n" + input``
+  (just ``instruction`` when ``input`` is empty or missing), the assistant
+  turn is ``output``, ``system`` a system message, ``history`` earlier
+  user/assistant turns; then rendered as ``messages``.
+* ``sharegpt``: ``{"conversations": [{"from": ..., "value": ...}, ...]}``
+  with optional ``"system"``; ``from`` ``human`` -> ``user``, ``gpt`` ->
+  ``assistant``, ``system`` -> ``system`` (``user`` / ``assistant`` are
+  accepted as themselves); then rendered as ``messages``.
+
+Where we differ from LLaMA-Factory: it renders with its own named templates
+(``--template llama3``), we with the checkpoint's own chat template (as TRL
+and ``transformers`` do), so the text is the model's native format; every
+assistant turn of a conversation is trained (its default,
+``mask_history=False``); its ``function_call``/``observation`` roles and
+``tools`` are not supported (an unknown role is a bad record). From TRL:
+conversations are not truncated but an over-long example is a bad record.
 
 Bad records (not JSON, missing or mistyped keys, empty completions, unknown
 roles, examples longer than a window) are never dropped silently: they are
@@ -58,6 +94,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -71,7 +108,24 @@ from apollo_lm.tokenizer import CheckpointTokenizer
 PathLike = str | pathlib.Path
 
 JSONL_SUFFIXES = (".jsonl", ".json")
-"""File suffixes read as JSON-lines records; any other file is plain text."""
+"""File suffixes read as JSON records (lines, or one array)."""
+
+TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet"}
+"""File suffixes read with ``datasets.load_dataset`` (suffix -> builder)."""
+
+DATA_FORMATS = ("auto", "prompt_completion", "messages", "alpaca", "sharegpt")
+"""Record layouts of the module docstring; ``auto`` detects one per source."""
+
+COLUMNS = ("prompt", "completion", "messages", "instruction", "input",
+           "output", "system", "history", "conversations")
+"""The record keys a source's columns can be mapped to (``columns``)."""
+
+# The keys that make a layout, in detection order.
+_LAYOUT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",),
+                "alpaca": ("instruction", "output"),
+                "prompt_completion": ("prompt", "completion")}
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system",
+                   "user": "user", "assistant": "assistant"}
 
 _MAX_LISTED = 20  # bad records listed in a summary or an error
 
@@ -89,14 +143,20 @@ class Example(NamedTuple):
 
 
 class BadRecord(NamedTuple):
-  """A record that was skipped (or, strictly, rejected), and why."""
+  """A record that was skipped (or, strictly, rejected), and why.
+
+  ``line`` is the line in a JSON file, or the 1-based row of a ``datasets``
+  source (``by_row``).
+  """
 
   path: str
   line: int
   reason: str
+  by_row: bool = False
 
   def __str__(self) -> str:
-    return f"{self.path}:{self.line}: {self.reason}"
+    where = f"[row {self.line}]" if self.by_row else f":{self.line}"
+    return f"{self.path}{where}: {self.reason}"
 
 
 class RecordError(ValueError):
@@ -234,55 +294,302 @@ def tokenize_record(record: Any, tok: CheckpointTokenizer) -> tuple[list[int], l
   return head + body, [False] * len(head) + [True] * len(body)
 
 
-def read_jsonl(path: PathLike, tok: CheckpointTokenizer, *,
-               max_tokens: int | None = None, strict: bool = False,
-               ) -> tuple[list[Example], DataReport]:
-  """Tokenizes every record of a JSON-lines file.
+def detect_layout(record: Any) -> str | None:
+  """The layout (a :data:`DATA_FORMATS` name) whose keys ``record`` has."""
+  if not isinstance(record, dict):
+    return None
+  return next((layout for layout, keys in _LAYOUT_KEYS.items()
+               if all(k in record for k in keys)), None)
+
+
+def _text(record: dict[str, Any], key: str, *, required: bool) -> str:
+  if required and key not in record:
+    raise RecordError(f"missing key: {key!r}")
+  value = record.get(key)
+  if value is None:  # An empty cell of a table.
+    return ""
+  if not isinstance(value, str):
+    raise RecordError(f"bad {key}: expected a string, got {type(value).__name__}")
+  return value
+
+
+def _alpaca_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+  instruction = _text(record, "instruction", required=True)
+  query = _text(record, "input", required=False)
+  output = _text(record, "output", required=True)
+  system = _text(record, "system", required=False)
+  messages = [{"role": "system", "content": system}] if system else []
+  history = record.get("history") or []
+  if not isinstance(history, list) or not all(
+      isinstance(t, (list, tuple)) and len(t) == 2
+      and all(isinstance(x, str) for x in t) for t in history):
+    raise RecordError("bad history: expected a list of [query, response]"
+                      " string pairs")
+  for user, assistant in history:
+    messages += [{"role": "user", "content": user},
+                 {"role": "assistant", "content": assistant}]
+  user = "\n".join([instruction, query]) if query else instruction
+  return messages + [{"role": "user", "content": user},
+                     {"role": "assistant", "content": output}]
+
+
+def _sharegpt_messages(record: dict[str, Any]) -> list[dict[str, str]]:
+  turns = record.get("conversations")
+  if not isinstance(turns, list) or not turns:
+    raise RecordError("bad conversations: expected a non-empty list of"
+                      " {\"from\", \"value\"} objects")
+  system = _text(record, "system", required=False)
+  messages = [{"role": "system", "content": system}] if system else []
+  for i, turn in enumerate(turns):
+    if not isinstance(turn, dict) or not {"from", "value"} <= turn.keys():
+      raise RecordError(f"bad conversations: turn {i} is not an object with"
+                        " keys 'from' and 'value'")
+    if turn["from"] not in _SHAREGPT_ROLES:
+      raise RecordError(
+          f"unknown role: turn {i} is from {turn['from']!r}; expected one of"
+          f" {tuple(_SHAREGPT_ROLES)}")
+    messages.append({"role": _SHAREGPT_ROLES[turn["from"]],
+                     "content": turn["value"]})
+  return messages
+
+
+def standard_record(record: Any, layout: str) -> dict[str, Any]:
+  """``record`` of ``layout`` as a ``prompt``/``completion`` or ``messages``
+  record, the input of :func:`tokenize_record` (see the module docstring).
+
+  Raises:
+    RecordError: ``record`` does not have ``layout``'s keys and types.
+  """
+  if not isinstance(record, dict):
+    raise RecordError(f"not an object: got {type(record).__name__}")
+  if layout == "alpaca":
+    return {"messages": _alpaca_messages(record)}
+  if layout == "sharegpt":
+    return {"messages": _sharegpt_messages(record)}
+  if layout in ("messages", "prompt_completion"):
+    missing = [k for k in _LAYOUT_KEYS[layout] if k not in record]
+    if missing:
+      raise RecordError(f"missing key: {missing[0]!r} (data format {layout})")
+    return {k: record[k] for k in _LAYOUT_KEYS[layout]}
+  return record  # auto with a standard record: messages or prompt/completion.
+
+
+def parse_columns(spec: str | Sequence[str] | None) -> dict[str, str]:
+  """``"instruction=question,output=answer"`` -> ``{"question":
+  "instruction", "answer": "output"}`` (source column -> record key).
+
+  Raises:
+    ValueError: an item is not ``key=column`` or ``key`` not in
+      :data:`COLUMNS`.
+  """
+  if not spec:
+    return {}
+  items = spec.split(",") if isinstance(spec, str) else [
+      i for part in spec for i in part.split(",")]
+  mapping = {}
+  for item in items:
+    key, sep, column = item.strip().partition("=")
+    if not sep or not key or not column:
+      raise ValueError(f"{item!r} is not key=column (e.g. "
+                       "instruction=question,output=answer)")
+    if key not in COLUMNS:
+      raise ValueError(f"unknown key {key!r} in {item!r}; allowed: "
+                       f"{', '.join(COLUMNS)}")
+    mapping[column] = key
+  return mapping
+
+
+def _renamed(record: Any, columns: dict[str, str]) -> Any:
+  if not columns or not isinstance(record, dict):
+    return record
+  return {columns.get(k, k): v for k, v in record.items()
+          if k in columns or k not in columns.values()}
+
+
+# ---------------------------------------------------------------------------
+# Sources -> numbered records.
+
+
+def source_kind(source: PathLike) -> str:
+  """How ``source`` is read: ``"json"``, ``"table"``, ``"saved"``
+  (``save_to_disk`` folder), ``"hub"`` (dataset id) or ``"text"``."""
+  path = pathlib.Path(source)
+  if path.is_file():
+    suffix = path.suffix.lower()
+    return ("json" if suffix in JSONL_SUFFIXES else
+            "table" if suffix in TABLE_SUFFIXES else "text")
+  if path.is_dir():
+    saved = ((path / "state.json").is_file()
+             or (path / "dataset_dict.json").is_file())
+    return "saved" if saved else "text"
+  suffix = path.suffix.lower()
+  if suffix in JSONL_SUFFIXES:
+    return "json"  # Missing: an error when it is read.
+  if suffix not in TABLE_SUFFIXES and _looks_like_dataset_id(os.fspath(source)):
+    return "hub"
+  return "table" if suffix in TABLE_SUFFIXES else "text"
+
+
+def _looks_like_dataset_id(name: str) -> bool:
+  from apollo_lm import hub  # pylint: disable=g-import-not-at-top
+  return hub.is_repo_id(name)
+
+
+def _json_records(path: pathlib.Path) -> Iterator[tuple[int, Any]]:
+  """(line, record) of a JSON-lines file or of a JSON array; a record that
+  is not JSON is a :class:`RecordError` in place of the record."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if text.lstrip().startswith("["):
+    decoder = json.JSONDecoder()
+    try:
+      whole = decoder.decode(text)
+    except json.JSONDecodeError as e:
+      yield e.lineno, RecordError(f"not valid JSON: {e.msg} (column {e.colno})")
+      return
+    if not isinstance(whole, list):
+      yield 1, RecordError("not valid JSON lines or a JSON array")
+      return
+    # Each element again, for its line.
+    pos = text.index("[") + 1
+    for _ in whole:
+      while text[pos] in " \t\r\n,":
+        pos += 1
+      record, end = decoder.raw_decode(text, pos)
+      yield text.count("\n", 0, pos) + 1, record
+      pos = end
+    return
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      yield number, json.loads(line)
+    except json.JSONDecodeError as e:
+      yield number, RecordError(f"not valid JSON: {e.msg} (column {e.colno})")
+
+
+def load_dataset_source(source: PathLike, *, split: str = "train") -> Any:
+  """A ``datasets.Dataset`` of a table file, saved folder or Hub id.
+
+  Raises:
+    ValueError: ``datasets`` is missing, or the source cannot be loaded
+      (named, with the reason).
+  """
+  try:
+    import datasets  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(f"{source}: reading it needs `datasets`: pip install "
+                     "'apollo_optax[examples]'") from None
+  kind = source_kind(source)
+  try:
+    if kind == "table":
+      builder = TABLE_SUFFIXES[pathlib.Path(source).suffix.lower()]
+      return datasets.load_dataset(builder, data_files=[str(source)],
+                                   split="train")
+    if kind == "saved":
+      loaded = datasets.load_from_disk(str(source))
+    else:
+      loaded = datasets.load_dataset(os.fspath(source), split=split)
+  except Exception as e:  # datasets' errors: missing file, split, network
+    reason = (str(e).strip().splitlines() or [""])[0]
+    what = ("no such file or folder, and not a loadable Hugging Face Hub"
+            " dataset" if kind == "hub" else "cannot load it with `datasets`")
+    raise ValueError(f"{source}: {what} ({type(e).__name__}: {reason})"
+                     ) from None
+  if isinstance(loaded, datasets.DatasetDict):
+    if split not in loaded:
+      raise ValueError(f"{source}: no split {split!r} (--data-split); splits:"
+                       f" {', '.join(loaded)}")
+    loaded = loaded[split]
+  return loaded
+
+
+def read_records(source: PathLike, tok: CheckpointTokenizer, *,
+                 data_format: str = "auto", columns: dict[str, str] | None = None,
+                 split: str = "train", max_tokens: int | None = None,
+                 strict: bool = False) -> tuple[list[Example], DataReport]:
+  """Tokenizes every record of a JSON file or ``datasets`` source.
 
   Blank lines are not records. A record is bad if it is not valid JSON, not
-  one of the formats, has an empty completion or no assistant turn, or has
-  more than ``max_tokens`` tokens.
+  of the source's layout, has an empty completion or no assistant turn, or
+  has more than ``max_tokens`` tokens.
 
   Args:
-    path: the file.
+    source: a JSON(-lines) file, table file, saved dataset folder or Hub
+      dataset id (see the module docstring).
     tok: the checkpoint's tokenizer.
+    data_format: one of :data:`DATA_FORMATS`.
+    columns: source column -> record key (:func:`parse_columns`).
+    split: the split of a Hub dataset or saved ``DatasetDict``.
     max_tokens: longest allowed example (a window holds ``seq_len + 1``).
     strict: raise on the first bad records instead of skipping them.
 
   Returns:
-    The examples of the good records, in file order, and the report.
+    The examples of the good records, in source order, and the report.
 
   Raises:
-    ValueError: with ``strict``, listing the bad records with line numbers;
-      or when no record at all is usable.
+    ValueError: an unknown ``data_format``; a forced ``data_format`` that
+      the first record does not have; with ``strict``, listing the bad
+      records with line numbers; or when no record at all is usable.
   """
-  path = pathlib.Path(path)
-  report = DataReport(str(path))
+  if data_format not in DATA_FORMATS:
+    raise ValueError(f"data format {data_format!r}; allowed: "
+                     f"{', '.join(DATA_FORMATS)}")
+  columns = columns or {}
+  kind = source_kind(source)
+  by_row = kind != "json"
+  if by_row:
+    records = enumerate(load_dataset_source(source, split=split), 1)
+  else:
+    records = _json_records(pathlib.Path(source))
+  report = DataReport(str(source))
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      report.records += 1
-      try:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise RecordError(f"not valid JSON: {e.msg} (column {e.colno})") from None
-        ids, flags = tokenize_record(record, tok)
-        if max_tokens is not None and len(ids) > max_tokens:
-          raise RecordError(
-              f"over-long: {len(ids)} tokens, a window holds {max_tokens}"
-              " (seq_len + 1)")
-      except RecordError as e:
-        report.bad.append(BadRecord(str(path), number, str(e)))
-        continue
-      examples.append(Example(np.asarray(ids, np.int32),
-                              np.asarray(flags, bool), number))
+  layout = None if data_format == "auto" else data_format
+  checked = False
+  for number, record in records:
+    report.records += 1
+    try:
+      if isinstance(record, RecordError):
+        raise record
+      record = _renamed(record, columns)
+      found = detect_layout(record)
+      if not checked and found is not None:
+        # The first record that names a layout fixes (or checks) the source's.
+        checked = True
+        if layout is None:
+          layout = found
+        elif found != layout and not set(_LAYOUT_KEYS[layout]) <= set(record):
+          raise ValueError(
+              f"{source}{f'[row {number}]' if by_row else f':{number}'}: the"
+              f" records are {found} ({'/'.join(_LAYOUT_KEYS[found])}), not"
+              f" data format {layout} ({'/'.join(_LAYOUT_KEYS[layout])});"
+              f" allowed: {', '.join(DATA_FORMATS)}")
+      if layout is None:
+        # No layout yet: the one the record has some keys of names what is
+        # missing; TRL's standard layouts otherwise.
+        partial = next((name for name, keys in _LAYOUT_KEYS.items()
+                        if isinstance(record, dict)
+                        and any(k in record for k in keys)), "auto")
+        standard = standard_record(record, partial)
+      elif data_format == "auto" and layout in ("messages",
+                                                   "prompt_completion"):
+        standard = standard_record(record, "auto")  # Both may mix.
+      else:
+        standard = standard_record(record, layout)
+      ids, flags = tokenize_record(standard, tok)
+      if max_tokens is not None and len(ids) > max_tokens:
+        raise RecordError(
+            f"over-long: {len(ids)} tokens, a window holds {max_tokens}"
+            " (seq_len + 1)")
+    except RecordError as e:
+      report.bad.append(BadRecord(str(source), number, str(e), by_row))
+      continue
+    examples.append(Example(np.asarray(ids, np.int32),
+                            np.asarray(flags, bool), number))
   if strict and report.bad:
     raise ValueError("bad records (strict data):\n" + report.summary())
   if not examples:
-    raise ValueError(f"no usable record in {path}:\n" + report.summary())
+    raise ValueError(f"no usable record in {source}:\n" + report.summary())
   return examples, report
 
 
@@ -498,7 +805,7 @@ class SFTData:
   Attributes:
     train: training rows.
     eval: held-out rows.
-    reports: one :class:`DataReport` per JSON-lines file read.
+    reports: one :class:`DataReport` per source of records read.
     description: one line for logs.
   """
 
@@ -508,21 +815,19 @@ class SFTData:
   description: str
 
 
-def _is_jsonl(path: PathLike) -> bool:
-  return pathlib.Path(path).suffix.lower() in JSONL_SUFFIXES
-
-
 def _load_one(paths: Sequence[PathLike], tok: CheckpointTokenizer, seq_len: int,
-              strict: bool) -> tuple[list[Example] | Rows, list[DataReport]]:
-  kinds = {_is_jsonl(p) for p in paths}
-  if len(kinds) > 1:
-    raise ValueError(f"data {[str(p) for p in paths]} mixes JSON-lines"
-                     f" ({'/'.join(JSONL_SUFFIXES)}) and plain text files")
-  if kinds == {False}:
+              strict: bool, **read: Any,
+              ) -> tuple[list[Example] | Rows, list[DataReport]]:
+  is_text = {source_kind(p) == "text" for p in paths}
+  if len(is_text) > 1:
+    raise ValueError(f"data {[str(p) for p in paths]} mixes records (JSON,"
+                     " csv/parquet, datasets) and plain text files")
+  if is_text == {True}:
     return text_rows(paths, tok, seq_len), []
   examples, reports = [], []
   for path in paths:
-    found, report = read_jsonl(path, tok, max_tokens=seq_len + 1, strict=strict)
+    found, report = read_records(path, tok, max_tokens=seq_len + 1,
+                                 strict=strict, **read)
     examples += found
     reports.append(report)
   return examples, reports
@@ -531,12 +836,15 @@ def _load_one(paths: Sequence[PathLike], tok: CheckpointTokenizer, seq_len: int,
 def load_sft_data(data: PathLike | Sequence[PathLike], tok: CheckpointTokenizer,
                   seq_len: int, *, eval_data: PathLike | Sequence[PathLike] | None = None,
                   eval_fraction: float = 0.05, strict: bool = False,
-                  seed: int = 0) -> SFTData:
+                  seed: int = 0, data_format: str = "auto",
+                  columns: dict[str, str] | None = None,
+                  split: str = "train") -> SFTData:
   """Reads, tokenizes, splits and packs fine-tuning data.
 
   Args:
-    data: JSON-lines file(s) of records, or plain text file(s)/directories
-      (see the module docstring).
+    data: source(s) of records (JSON, csv/parquet, saved datasets, Hub
+      dataset ids), or plain text file(s)/directories (see the module
+      docstring).
     tok: the checkpoint's tokenizer.
     seq_len: positions per packed row.
     eval_data: held-out file(s) of the same kind; None holds out
@@ -545,6 +853,9 @@ def load_sft_data(data: PathLike | Sequence[PathLike], tok: CheckpointTokenizer,
     eval_fraction: share held out when ``eval_data`` is None.
     strict: bad records are an error instead of being skipped and reported.
     seed: the packing order.
+    data_format: the records' layout, one of :data:`DATA_FORMATS`.
+    columns: source column -> record key (:func:`parse_columns`).
+    split: the split of a Hub dataset or saved ``DatasetDict``.
 
   Raises:
     ValueError: bad arguments, no usable record, or (``strict``) any bad
@@ -554,11 +865,12 @@ def load_sft_data(data: PathLike | Sequence[PathLike], tok: CheckpointTokenizer,
     raise ValueError(f"seq_len={seq_len} must be >= 2")
   as_list = lambda p: [p] if isinstance(p, (str, pathlib.Path)) else list(p)
   train_paths = as_list(data)
-  train, reports = _load_one(train_paths, tok, seq_len, strict)
+  read = dict(data_format=data_format, columns=columns, split=split)
+  train, reports = _load_one(train_paths, tok, seq_len, strict, **read)
   if eval_data is not None:
-    held, more = _load_one(as_list(eval_data), tok, seq_len, strict)
+    held, more = _load_one(as_list(eval_data), tok, seq_len, strict, **read)
     if isinstance(held, Rows) != isinstance(train, Rows):
-      raise ValueError("eval data must be of the same kind (JSON-lines or"
+      raise ValueError("eval data must be of the same kind (records or"
                        " plain text) as the training data")
     reports += more
   elif isinstance(train, Rows):

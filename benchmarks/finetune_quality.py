@@ -136,7 +136,7 @@ def heldout_loss(checkpoint: str, eval_path: str, seq_len: int) -> dict[str, flo
   from apollo_lm import tokenizer as tokenizer_lib
 
   tok = tokenizer_lib.load_checkpoint_tokenizer(checkpoint)
-  examples, _ = sft.read_jsonl(eval_path, tok, max_tokens=seq_len + 1)
+  examples, _ = sft.read_records(eval_path, tok, max_tokens=seq_len + 1)
   rows = sft.pack_examples(examples, seq_len, seed=None)
   model, _ = hf.load_pretrained(checkpoint, max_seq_len=seq_len)
   graphdef, params = nnx.split(model, nnx.Param)

@@ -220,7 +220,7 @@ def evaluate(checkpoint: str, work: pathlib.Path, seq_len: int,
   from apollo_lm import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   tok = tokenizer_lib.load_checkpoint_tokenizer(checkpoint)
-  examples, _ = sft.read_jsonl(work / "eval.jsonl", tok,
+  examples, _ = sft.read_records(work / "eval.jsonl", tok,
                                max_tokens=seq_len + 1)
   completion = mean_loss(checkpoint,
                          sft.pack_examples(examples, seq_len, seed=None))

@@ -181,7 +181,7 @@ def test_prompt_tokens_get_no_gradient(checkpoint, sft_file):
   model, _ = hf.load_pretrained(checkpoint)
   graphdef, state = nnx.split(model, nnx.Param)
   tok = tokenizer_lib.load_checkpoint_tokenizer(checkpoint)
-  examples, _ = sft.read_jsonl(sft_file, tok, max_tokens=33)
+  examples, _ = sft.read_records(sft_file, tok, max_tokens=33)
   rows = sft.pack_examples(examples[:12], 32, seed=0)
   batch = steps.Batch(*(jnp.asarray(f) for f in rows))
   assert 0 < float(batch.loss_mask.mean()) < 1

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -197,7 +198,7 @@ class TestBadRecord:
     return {line + (line >= 6): reason for line, reason in self.EXPECTED.items()}
 
   def test_each_bad_record_is_reported_with_its_line(self):
-    examples, report = sft.read_jsonl(self.path, self.tok, max_tokens=40)
+    examples, report = sft.read_records(self.path, self.tok, max_tokens=40)
     assert len(examples) == 1
     assert examples[0].line == 1
     assert report.records == len(self.RECORDS)
@@ -212,12 +213,12 @@ class TestBadRecord:
 
   def test_strict_raises_naming_the_lines(self):
     with pytest.raises(ValueError, match=r"strict(.|\n)*data.jsonl:2: not valid"):
-      sft.read_jsonl(self.path, self.tok, max_tokens=40, strict=True)
+      sft.read_records(self.path, self.tok, max_tokens=40, strict=True)
 
   def test_no_usable_record(self):
     path = _write_jsonl(self.tmp / "bad.jsonl", [{"prompt": "a"}])
     with pytest.raises(ValueError, match=r"no usable record(.|\n)*:1: missing key"):
-      sft.read_jsonl(path, self.tok)
+      sft.read_records(path, self.tok)
 
   def test_non_incremental_template(self):
     tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(self.tmp, NON_INCREMENTAL))
@@ -316,7 +317,7 @@ class TestData:
     text.write_text(_TEXT)
     with pytest.raises(ValueError, match="same kind"):
       sft.load_sft_data(self.path, self.tok, 32, eval_data=text)
-    with pytest.raises(ValueError, match="mixes JSON-lines"):
+    with pytest.raises(ValueError, match="mixes records"):
       sft.load_sft_data([self.path, text], self.tok, 32)
 
   @pytest.mark.parametrize("fraction", [0.0, 1.0, -1])
@@ -384,3 +385,225 @@ def test_packed_rows_give_each_example_its_own_logits():
       np.testing.assert_allclose(packed[r, where], alone[0], atol=2e-5)
       checked += 1
   assert checked == len(examples)
+
+
+# ---------------------------------------------------------------------------
+# Record layouts and sources.
+
+_SYSTEM = "System says"
+_Q, _X, _A = "what is two plus three?", "abc", "five."
+# What each layout renders to with CHATML, and the text the loss counts.
+_CHATML_TURNS = {
+    "system": f"<|im_start|>system\n{_SYSTEM}<|im_end|>\n",
+    "user": f"<|im_start|>user\n{_Q}\n{_X}<|im_end|>\n",
+    "user_only": f"<|im_start|>user\n{_Q}<|im_end|>\n",
+    "hello": "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nhello world<|im_end|>\n",
+    "answer": f"<|im_start|>assistant\n{_A}<|im_end|>\n",
+}
+LAYOUTS = [
+    ("alpaca", {"instruction": _Q, "input": _X, "output": _A, "system": _SYSTEM},
+     ["system", "user", "answer"]),
+    ("alpaca", {"instruction": _Q, "input": "", "output": _A},
+     ["user_only", "answer"]),
+    ("alpaca", {"instruction": _Q, "output": _A,
+                "history": [["hello", "hello world"]]},
+     ["hello", "user_only", "answer"]),
+    ("sharegpt", {"conversations": [
+        {"from": "system", "value": _SYSTEM},
+        {"from": "human", "value": f"{_Q}\n{_X}"},
+        {"from": "gpt", "value": _A}]}, ["system", "user", "answer"]),
+    ("sharegpt", {"system": _SYSTEM, "conversations": [
+        {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hello world"},
+        {"from": "human", "value": _Q}, {"from": "gpt", "value": _A}]},
+     ["system", "hello", "user_only", "answer"]),
+    ("messages", {"messages": [
+        {"role": "user", "content": _Q}, {"role": "assistant", "content": _A}]},
+     ["user_only", "answer"]),
+]
+
+
+class TestLayouts:
+
+  @pytest.fixture(autouse=True)
+  def _tmp(self, tmp_path, monkeypatch):
+    self.tmp = tmp_path
+    self.tok = tokenizer_lib.load_checkpoint_tokenizer(_checkpoint(tmp_path, CHATML))
+    datasets = pytest.importorskip("datasets")
+    # Table files are converted into the datasets cache: keep it here.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE",
+                        str(tmp_path / "datasets_cache"))
+
+  @pytest.mark.parametrize("layout, record, turns", LAYOUTS)
+  @pytest.mark.parametrize("data_format", ["auto", "forced"])
+  def test_layout_is_detected_and_rendered(self, layout, record, turns,
+                                           data_format):
+    path = _write_jsonl(self.tmp / "d.jsonl", [record, record])
+    examples, report = sft.read_records(
+        path, self.tok, data_format=layout if data_format == "forced" else "auto")
+    assert report.used == 2 and not report.bad
+    assert sft.detect_layout(record) == layout
+    ids, flags = examples[0].tokens.tolist(), examples[0].target.tolist()
+    text = "".join(_CHATML_TURNS[t] for t in turns)
+    assert self.tok.decode(ids) == text
+    # Each turn tokenized alone (the template's pieces), only the last
+    # assistant turn's content and end marker counted...
+    assert ids == [i for t in turns for i in self.tok.encode(_CHATML_TURNS[t])]
+    counted = _counted_text(self.tok, ids, flags)
+    expected = [f"{_A}<|im_end|>\n"]
+    if "hello" in turns:  # ... and every earlier assistant turn.
+      expected.insert(0, "hello world<|im_end|>\n")
+    assert counted == expected
+
+  def test_prompt_completion_and_messages_mix_in_auto(self):
+    records = [{"prompt": "a ", "completion": "b"}, LAYOUTS[-1][1]]
+    path = _write_jsonl(self.tmp / "d.jsonl", records)
+    _, report = sft.read_records(path, self.tok)
+    assert report.used == 2
+    with pytest.raises(ValueError, match="not data format messages"):
+      sft.read_records(path, self.tok, data_format="messages")
+    path = _write_jsonl(self.tmp / "e.jsonl", records[::-1])
+    with pytest.raises(ValueError, match=":2: missing key: 'messages'"):
+      sft.read_records(path, self.tok, data_format="messages", strict=True)
+
+  @pytest.mark.parametrize("forced, found", [
+      ("sharegpt", "alpaca"), ("alpaca", "sharegpt"), ("messages", "alpaca"),
+      ("prompt_completion", "messages")])
+  def test_forced_format_mismatch(self, forced, found):
+    record = next(r for name, r, _ in LAYOUTS if name == found)
+    path = _write_jsonl(self.tmp / "d.jsonl", ["", record])
+    with pytest.raises(ValueError, match=re.escape(
+        f"d.jsonl:2: the records are {found} (") + ".*" + re.escape(
+            f"not data format {forced} (")):
+      sft.read_records(path, self.tok, data_format=forced)
+
+  def test_unknown_data_format(self):
+    path = _write_jsonl(self.tmp / "d.jsonl", [LAYOUTS[0][1]])
+    with pytest.raises(ValueError, match="allowed: auto, prompt_completion"):
+      sft.read_records(path, self.tok, data_format="chatml")
+
+  def test_bad_alpaca_and_sharegpt_records_name_their_lines(self):
+    alpaca, sharegpt = LAYOUTS[0][1], LAYOUTS[3][1]
+    path = _write_jsonl(self.tmp / "a.jsonl", [
+        alpaca, {"instruction": _Q}, {**alpaca, "input": 3}, alpaca,
+        {**alpaca, "history": ["x"]}, {**alpaca, "output": " "}])
+    _, report = sft.read_records(path, self.tok)
+    assert {b.line: b.reason.split(":")[0] for b in report.bad} == {
+        2: "missing key", 3: "bad input", 5: "bad history", 6: "empty completion"}
+    assert f"{path}:2: missing key: 'output'" in report.summary()
+    path = _write_jsonl(self.tmp / "s.jsonl", [
+        sharegpt, {"conversations": [{"from": "observation", "value": "x"}]},
+        {"conversations": "hi"}, {"conversations": [{"from": "human"}]},
+        {"conversations": [{"from": "human", "value": "x"}]}])
+    _, report = sft.read_records(path, self.tok)
+    assert {b.line: b.reason.split(":")[0] for b in report.bad} == {
+        2: "unknown role", 3: "bad conversations", 4: "bad conversations",
+        5: "no assistant message"}
+
+  def test_json_array_file_reports_lines(self):
+    alpaca = LAYOUTS[0][1]
+    path = self.tmp / "alpaca_data.json"
+    path.write_text("[\n" + json.dumps(alpaca) + ",\n  "
+                    + json.dumps({"instruction": _Q}) + ",\n\n"
+                    + json.dumps(alpaca, indent=1) + "\n]\n")
+    examples, report = sft.read_records(path, self.tok)
+    assert [e.line for e in examples] == [2, 5]
+    assert [(b.line, b.reason) for b in report.bad] == [
+        (3, "missing key: 'output'")]
+
+  @pytest.mark.parametrize("spec, mapping", [
+      ("instruction=question,output=answer",
+       {"question": "instruction", "answer": "output"}),
+      (["instruction=q", "input=ctx,output=a"],
+       {"q": "instruction", "ctx": "input", "a": "output"}),
+      (None, {})])
+  def test_parse_columns(self, spec, mapping):
+    assert sft.parse_columns(spec) == mapping
+
+  @pytest.mark.parametrize("spec, message", [
+      ("instruction", "is not key=column"), ("question=instruction",
+                                             "unknown key 'question'")])
+  def test_parse_columns_errors(self, spec, message):
+    with pytest.raises(ValueError, match=message):
+      sft.parse_columns(spec)
+
+  def _table(self):
+    """Alpaca rows under other column names, one bad (empty answer)."""
+    return {"question": [_Q, _Q, _Q], "context": [_X, "", _X],
+            "answer": [_A, _A, ""]}
+
+  def _expected(self, row):
+    record = {"instruction": _Q, "input": row, "output": _A}
+    return sft.tokenize_record(sft.standard_record(record, "alpaca"), self.tok)
+
+  def _check(self, source, **kwargs):
+    columns = sft.parse_columns("instruction=question,input=context,output=answer")
+    examples, report = sft.read_records(source, self.tok, columns=columns, **kwargs)
+    assert [e.line for e in examples] == [1, 2]
+    for example, row in zip(examples, [_X, ""]):
+      ids, flags = self._expected(row)
+      assert example.tokens.tolist() == ids and example.target.tolist() == flags
+    assert [str(b) for b in report.bad] == [
+        f"{source}[row 3]: empty completion: assistant message 1 is empty"]
+
+  def test_column_mapping_on_json_lines(self):
+    table = self._table()
+    rows = [dict(zip(table, values)) for values in zip(*table.values())]
+    path = _write_jsonl(self.tmp / "d.jsonl", rows)
+    columns = sft.parse_columns("instruction=question,input=context,output=answer")
+    examples, report = sft.read_records(path, self.tok, columns=columns)
+    assert [e.line for e in examples] == [1, 2] and report.bad[0].line == 3
+    assert examples[0].tokens.tolist() == self._expected(_X)[0]
+
+  @pytest.mark.parametrize("suffix", ["csv", "parquet"])
+  def test_table_files(self, suffix):
+    import datasets  # pylint: disable=g-import-not-at-top
+    path = self.tmp / f"d.{suffix}"
+    getattr(datasets.Dataset.from_dict(self._table()), f"to_{suffix}")(str(path))
+    assert sft.source_kind(path) == "table"
+    self._check(path)
+
+  def test_saved_dataset_folder_and_split(self):
+    import datasets  # pylint: disable=g-import-not-at-top
+    folder = self.tmp / "saved"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(self._table()),
+        "test": datasets.Dataset.from_dict({k: v[:1] for k, v in self._table().items()}),
+    }).save_to_disk(str(folder))
+    assert sft.source_kind(folder) == "saved"
+    self._check(folder)
+    examples, _ = sft.read_records(
+        folder, self.tok, split="test",
+        columns=sft.parse_columns("instruction=question,input=context,output=answer"))
+    assert len(examples) == 1
+    with pytest.raises(ValueError, match="no split 'dev' .*splits: train, test"):
+      sft.read_records(folder, self.tok, split="dev")
+
+  def test_hub_dataset_id(self, monkeypatch):
+    """An id that is no local path goes to datasets.load_dataset (replaced
+    here: no network) with the split."""
+    import datasets  # pylint: disable=g-import-not-at-top
+    calls = []
+
+    def fake(name, **kwargs):
+      calls.append((name, kwargs))
+      return datasets.Dataset.from_dict(self._table())
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.chdir(self.tmp)
+    assert sft.source_kind("org/alpaca-like") == "hub"
+    self._check("org/alpaca-like", split="validation")
+    assert calls == [("org/alpaca-like", {"split": "validation"})]
+
+  def test_missing_sources(self, monkeypatch):
+    import datasets  # pylint: disable=g-import-not-at-top
+
+    def fail(name, **kwargs):
+      raise FileNotFoundError(f"Couldn't find any data file at {name}.")
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    monkeypatch.chdir(self.tmp)
+    with pytest.raises(ValueError, match="org/none: no such file or folder, and"
+                       " not a loadable Hugging Face Hub dataset"):
+      sft.load_sft_data(["org/none"], self.tok, 32)
+    with pytest.raises(FileNotFoundError, match="none.jsonl"):
+      sft.load_sft_data(["none.jsonl"], self.tok, 32)
