@@ -484,8 +484,8 @@ class _Reader:
     try:
       return self._safe_open(str(file), framework="flax", device="cpu")
     except self._errors as e:
-      raise _error(
-          "checkpoint", f"{file}: not a readable safetensors file ({e}); expected a "
+      raise ValueError(
+          f"{file}: not a readable safetensors file ({e}); expected a "
           f"complete safetensors file as transformers writes it (truncated "
           f"download or conversion?).") from None
 
