@@ -215,7 +215,8 @@ def checkpoint_dir(config: FinetuneConfig) -> pathlib.Path:
     ConfigError: no such folder or Hub id, or no ``config.json`` in it.
   """
   try:
-    root = _resolve(config.checkpoint, config.revision)
+    root = _resolve(config.checkpoint, config.revision, hub.hub_cache_dir(),
+                    hub.is_offline())
   except OSError as e:
     raise ConfigError("--checkpoint", str(e)) from None
   if not (root / "config.json").is_file():
@@ -225,8 +226,11 @@ def checkpoint_dir(config: FinetuneConfig) -> pathlib.Path:
 
 
 @functools.cache
-def _resolve(checkpoint: str, revision: str | None) -> pathlib.Path:
-  # Once per run: a Hub id asks the Hub for its commit at each resolution.
+def _resolve(checkpoint: str, revision: str | None, cache: pathlib.Path,
+             offline: bool) -> pathlib.Path:
+  # Once per run (and cache): online, each resolution of a Hub id asks the
+  # Hub for its commit.
+  del cache, offline  # Only keys: hub.resolve_checkpoint reads them.
   return hub.resolve_checkpoint(checkpoint, revision=revision)
 
 

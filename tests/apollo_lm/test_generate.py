@@ -154,17 +154,6 @@ def test_command_line(tmp_path, capsys, llama3):
   assert words == [f"w{t}" for t in ids[:cut]]
 
 
-def test_command_line_bad_checkpoint_is_a_named_error(tmp_path, capsys):
-  """No tokenizer.json: a usage error naming the file, no traceback."""
-  ckpt = tmp_path / "ckpt"
-  shutil.copytree(FIXTURES / "llama3", ckpt)
-  with pytest.raises(SystemExit) as e:
-    gen.main(["--checkpoint", str(ckpt), "--prompt", "hi"])
-  assert e.value.code == 2
-  assert (f"error: --checkpoint: {ckpt / 'tokenizer.json'}: no such file"
-          in capsys.readouterr().err)
-
-
 def test_generate_on_a_mesh_matches_unsharded(llama3):
   from apollo_lm import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(1, 4, 2)

@@ -166,3 +166,16 @@ def test_online_resolution_asks_snapshot_download_for_model_files(
           "tokenizer_config.json", "generation_config.json",
           "chat_template.jinja"} <= set(patterns)
   assert not any(p.endswith((".bin", ".gguf", ".pt")) for p in patterns)
+
+
+def test_finetune_checkpoint_is_a_cached_hub_id(hf_home):
+  from apollo_lm import finetune  # pylint: disable=g-import-not-at-top
+  snapshot = _cache_model(hf_home, "org/tiny", "llama3")
+  tagged = _cache_model(hf_home, "org/tiny", "gemma3", commit=OTHER_COMMIT,
+                        ref="v1")
+  for revision, folder, arch in ((None, snapshot, "LlamaForCausalLM"),
+                                 ("v1", tagged, "Gemma3ForCausalLM")):
+    config = finetune.FinetuneConfig(checkpoint="org/tiny", revision=revision,
+                                     data=("x.jsonl",), num_devices=1)
+    assert finetune.checkpoint_dir(config) == folder
+    assert finetune.checkpoint_config(config).name == arch
