@@ -103,6 +103,7 @@ import numpy as np
 
 from apollo_lm import chat_template
 from apollo_lm import data as data_lib
+from apollo_lm import hub
 from apollo_lm.tokenizer import CheckpointTokenizer
 
 PathLike = str | pathlib.Path
@@ -425,14 +426,9 @@ def source_kind(source: PathLike) -> str:
   suffix = path.suffix.lower()
   if suffix in JSONL_SUFFIXES:
     return "json"  # Missing: an error when it is read.
-  if suffix not in TABLE_SUFFIXES and _looks_like_dataset_id(os.fspath(source)):
+  if suffix not in TABLE_SUFFIXES and hub.is_repo_id(os.fspath(source)):
     return "hub"
   return "table" if suffix in TABLE_SUFFIXES else "text"
-
-
-def _looks_like_dataset_id(name: str) -> bool:
-  from apollo_lm import hub  # pylint: disable=g-import-not-at-top
-  return hub.is_repo_id(name)
 
 
 def _json_records(path: pathlib.Path) -> Iterator[tuple[int, Any]]:
