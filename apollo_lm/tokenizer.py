@@ -22,7 +22,7 @@ is encoded as ordinary text).
 
 This module is also the one place that loads tokenizers: :func:`load_tokenizer`
 (a ``tokenizer.json`` file or folder, or a Hugging Face Hub name) and
-:func:`load_checkpoint_tokenizer` (a Hugging Face checkpoint folder's
+:func:`load_checkpoint_tokenizer` (a Hugging Face checkpoint's, folder or Hub id:
 tokenizer with its special tokens and chat template).
 """
 
