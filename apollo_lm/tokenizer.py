@@ -22,8 +22,8 @@ is encoded as ordinary text).
 
 This module is also the one place that loads tokenizers: :func:`load_tokenizer`
 (a ``tokenizer.json`` file or folder, or a Hugging Face Hub name) and
-:func:`load_checkpoint_tokenizer` (a Hugging Face checkpoint's, folder or Hub id:
-tokenizer with its special tokens and chat template).
+:func:`load_checkpoint_tokenizer` (the tokenizer of a Hugging Face checkpoint,
+folder or Hub id, with its special tokens and chat template).
 """
 
 from __future__ import annotations
