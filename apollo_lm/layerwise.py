@@ -231,8 +231,12 @@ def make_step(config: LlamaConfig, tx: optax.GradientTransformation,
   def as_float(layer):
     return apollo_optax.dequantize_params(layer, config.param_dtype)
 
-  def block(weights, x, mask, positions):
-    return nnx.merge(block_def, weights)(x, positions=positions, mask=mask)
+  # Per-layer windows and RoPE bases (Gemma 3), None for uniform stacks.
+  spec = model_lib.layer_spec(config)
+
+  def block(weights, x, mask, positions, layer_spec):
+    return nnx.merge(block_def, weights)(x, positions=positions, mask=mask,
+                                         spec=layer_spec)
 
   def update(grads, state, params, **extra):
     updates, state = tx.update(grads, state, params, **extra)
@@ -248,12 +252,13 @@ def make_step(config: LlamaConfig, tx: optax.GradientTransformation,
     # Packed rows (fine-tuning): the model's segment mask and positions.
     mask, positions = model_lib.packing_inputs(batch.segment_ids,
                                                batch.positions)
-    layer_fn = lambda w, x: block(w, x, mask, positions)
+    layer_fn = lambda w, x, s: block(w, x, mask, positions, s)
 
-    def forward(x, layer):
-      return layer_fn(as_float(layer), x), x
+    def forward(x, layer_and_spec):
+      layer, layer_spec = layer_and_spec
+      return layer_fn(as_float(layer), x, layer_spec), x
 
-    x_last, saved = jax.lax.scan(forward, x0, layers["layers"])
+    x_last, saved = jax.lax.scan(forward, x0, (layers["layers"], spec))
 
     # 2. Head: loss, gradient, update.
     loss_value, head_grads, embed_head_grads, dx = _head_grads(
@@ -263,7 +268,7 @@ def make_step(config: LlamaConfig, tx: optax.GradientTransformation,
     # 3. Blocks, last to first: recompute, VJP, update layer l in place.
     stack, layers_state, dx = _backward_blocks(
         layer_fn, update, as_float, config.num_layers, layers["layers"],
-        opt_state.layers, saved, dx)
+        opt_state.layers, saved, dx, spec)
 
     # 4. Embedding.
     (embed_grads,) = embed_vjp(dx)
@@ -315,8 +320,12 @@ def _head_grads(head_loss: Callable, tied: bool, head: Any, embed: Any,
 
 def _backward_blocks(layer_fn: Callable, update: Callable, as_float: Callable,
                      num_layers: int, stack: Any, state_stack: Any,
-                     saved: jax.Array, dx: jax.Array) -> tuple[Any, Any, Any]:
+                     saved: jax.Array, dx: jax.Array,
+                     spec: Any = None) -> tuple[Any, Any, Any]:
   """Blocks from last to first: recompute, VJP, update layer ``l`` in place.
+
+  ``layer_fn(weights, x, layer_spec)``; ``spec`` is the model's per-layer
+  :class:`apollo_lm.model.LayerSpec` (row ``l`` goes to layer ``l``) or None.
 
   Returns the updated weight stack, optimizer-state stack and the gradient
   of the first block's input.
@@ -326,8 +335,9 @@ def _backward_blocks(layer_fn: Callable, update: Callable, as_float: Callable,
     stack, state_stack, dx = carry
     l = num_layers - 1 - i
     layer = {"layers": _tree_index(stack, l)}
-    _, block_vjp = jax.vjp(layer_fn, as_float(layer["layers"]),
-                           _tree_index(saved, l))
+    layer_spec = _tree_index(spec, l)
+    _, block_vjp = jax.vjp(lambda w, x: layer_fn(w, x, layer_spec),
+                           as_float(layer["layers"]), _tree_index(saved, l))
     grads, dx = block_vjp(dx)
     layer, layer_state = update(
         {"layers": grads}, _tree_index(state_stack, l), layer,

@@ -61,9 +61,18 @@ def test_matrix_index_offset_draws_the_stack_projection():
       assert not np.allclose(unshifted["layers"]["w"], full["layers"]["w"][l])
 
 
+# Gemma 3 style: sliding and global layers with their own RoPE bases, q/k
+# norms, post-norms, (1 + w) norms, GeGLU and scaled embeddings.
+GEMMA_LIKE = small_config(
+    remat=True, tie_embeddings=True, qk_norm=True, post_norms=True,
+    norm_plus_one=True, scale_embeddings=True, hidden_act="gelu_pytorch_tanh",
+    sliding_window=5, layer_types=("sliding_attention", "full_attention"),
+    rope_local_theta=1e4, query_pre_attn_scalar=8.0)
+
+
 @pytest.mark.parametrize("name, config", [
     ("adamw", SMALL), ("apollo", SMALL), ("apollo_mini", SMALL),
-    ("apollo", TIED)])
+    ("apollo", TIED), ("apollo", GEMMA_LIKE)])
 def test_layerwise_matches_ordinary_step(name, config):
   graphdef, params = init_params(config)
   assert ("lm_head" in params) == (not config.tie_embeddings)
