@@ -1,6 +1,7 @@
 """Tests of LoRA fine-tuning (apollo_lm.lora and its finetune options)."""
 
 import dataclasses
+import functools
 
 import chex
 from flax import nnx
@@ -38,21 +39,28 @@ def _batch(seed=0, batch=2, length=16, vocab=97):
   return steps.Batch.from_tokens(tokens)
 
 
-def _logits(graphdef, params, batch):
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, params, inputs):
   params = apollo_optax.dequantize_params(params, CONFIG.param_dtype)
-  return nnx.merge(graphdef, params)(batch.inputs)
+  return nnx.merge(graphdef, params)(inputs)
 
 
-@pytest.mark.parametrize("targets", ["all", "q,v", "down"])
-@pytest.mark.parametrize("tied", [False, True])
+def _split(model):
+  graphdef, state = nnx.split(model, nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+@pytest.mark.parametrize("targets, tied", [("all", False), ("q,v", True),
+                                           ("down", False)])
 def test_zero_adapters_leave_the_model_unchanged(targets, tied):
   config = dataclasses.replace(CONFIG, tie_embeddings=tied, qkv_bias=True)
   spec = lora.LoRAConfig(4, 8.0, targets)
   plain = model_lib.Llama(config, rngs=nnx.Rngs(0))
   adapted = _lora_model(config, spec)
-  batch = _batch()
-  np.testing.assert_array_equal(adapted(batch.inputs), plain(batch.inputs))
-  params = nnx.to_pure_dict(nnx.state(adapted, nnx.Param))
+  inputs = _batch().inputs
+  graphdef, params = _split(adapted)
+  np.testing.assert_array_equal(_logits(graphdef, params, inputs),
+                                _logits(*_split(plain), inputs))
   mask = lora.adapter_mask(params)
   assert sum(jax.tree.leaves(mask)) == 2 * len(spec.targets)
   for name, (block, proj) in lora.TARGETS.items():
@@ -107,7 +115,7 @@ def test_steps_update_the_adapters_only():
       2 * 4 * count + 64)
   # grad_norm is the norm of the adapters' gradient alone.
   loss = steps.loss_fn(graphdef)
-  grads = jax.grad(loss)(params, _batch(0))
+  grads = jax.jit(jax.grad(loss))(params, _batch(0))
   expected = np.sqrt(sum(
       np.sum(np.asarray(g, np.float64) ** 2)
       for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)) if m))
@@ -150,8 +158,8 @@ def test_merged_params_are_w_plus_scaled_ab_and_give_the_same_logits():
                                 params["layers"]["attn"]["k_proj"]["kernel"])
   plain = nnx.graphdef(model_lib.Llama(CONFIG, rngs=nnx.Rngs(0)))
   batch = _batch(7)
-  np.testing.assert_allclose(_logits(plain, merged, batch),
-                             _logits(graphdef, params, batch),
+  np.testing.assert_allclose(_logits(plain, merged, batch.inputs),
+                             _logits(graphdef, params, batch.inputs),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -165,9 +173,10 @@ def test_int8_base_stays_frozen_and_dequantizes_inside_the_layers():
   assert not apollo_optax.is_quantized(kernels["q_proj"]["lora_a"])
   batch = _batch(3)
   # Dequantized inside the scanned blocks == dequantized beforehand.
-  np.testing.assert_allclose(
-      nnx.merge(graphdef, params)(batch.inputs), _logits(graphdef, params, batch),
-      rtol=1e-6, atol=1e-6)
+  inside = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+  np.testing.assert_allclose(inside(params, batch.inputs),
+                             _logits(graphdef, params, batch.inputs),
+                             rtol=1e-6, atol=1e-6)
   tx = optimizers.train_only(optax.adamw(1e-2), lora.adapter_mask)
   new, _, metrics = _train(params, graphdef, tx, num_steps=4)
   assert metrics[-1]["loss"] < metrics[0]["loss"] + 1.0
@@ -183,8 +192,8 @@ def test_int8_base_stays_frozen_and_dequantizes_inside_the_layers():
   assert not any(apollo_optax.is_quantized(x) for x in jax.tree.leaves(
       merged, is_leaf=apollo_optax.is_quantized))
   plain = nnx.graphdef(model_lib.Llama(CONFIG, rngs=nnx.Rngs(0)))
-  np.testing.assert_allclose(_logits(plain, merged, batch),
-                             _logits(graphdef, new, batch),
+  np.testing.assert_allclose(_logits(plain, merged, batch.inputs),
+                             _logits(graphdef, new, batch.inputs),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -257,7 +266,7 @@ def test_finetune_lora_resumes_and_exports_merged_weights(
   logits are the adapted model's."""
   from apollo_lm import finetune, hf
   common = dict(steps=6, batch_size=4, seq_len=32, eval_every=0,
-                eval_batches=1, no_progress=True, num_devices=1, lora_rank=4,
+                eval_batches=0, no_progress=True, num_devices=1, lora_rank=4,
                 lora_targets="q,k,v,o,gate,up,down", lr=1e-2,
                 checkpoint_dir=str(tmp_path / "ckpt"))
   first = finetune.finetune(_config(checkpoint, sft_file, stop_at_step=3,
