@@ -252,7 +252,14 @@ def report(results: dict[str, Any]) -> str:
       " Int8 weights keep the embedding, head and norms in bf16. The ordinary"
       " (not layer-wise) steps hold the whole gradient; XLA:CPU's buffer"
       " assignment is not a GPU allocator's, so totals on a GPU differ (use"
-      " `--target h100` with the `accel` environment to compile for one).")
+      " `--target h100` with the `accel` environment to compile for one)."
+      f" LoRA rows: rank {LORA.rank}, alpha {LORA.alpha:g}, adapters on all"
+      " seven projections; the step differentiates the adapters only, so no"
+      " gradient of a frozen weight is computed or held. On XLA:CPU a bf16"
+      " dot is computed in f32 and the bf16 base's layer stacks are converted"
+      " to f32 whole, outside the scanned loop (f32[L, in, out] loop operands"
+      " in the compiled HLO): most of the bf16 LoRA row's temp; the int8 base"
+      " is dequantized inside the loop, one layer at a time.")
   return "\n\n".join(parts)
 
 
