@@ -1,6 +1,5 @@
 """Tests of LoRA fine-tuning (apollo_lm.lora and its finetune options)."""
 
-import dataclasses
 import functools
 
 import chex
@@ -12,20 +11,17 @@ import optax
 import pytest
 
 import apollo_optax
-from apollo_lm import configs
 from apollo_lm import lora
 from apollo_lm import model as model_lib
 from apollo_lm import optimizers
 from apollo_lm import steps
 from apollo_lm.errors import ConfigError
+from tests.apollo_lm.conftest import small_config
 # The Llama-3-style checkpoint fixture and its SFT file.
 from tests.apollo_lm.test_finetune import checkpoint  # noqa: F401
 from tests.apollo_lm.test_finetune import sft_file  # noqa: F401
 
-CONFIG = configs.LlamaConfig(
-    name="test", hidden_size=32, intermediate_size=64, num_heads=4,
-    num_kv_heads=2, num_layers=2, vocab_size=97, max_seq_len=16,
-    dtype=jnp.float32)
+CONFIG = small_config(num_kv_heads=2, vocab_size=97, max_seq_len=16)
 
 
 def _lora_model(config=CONFIG, spec=lora.LoRAConfig(4, 8.0), wrap_all=False):
@@ -53,7 +49,8 @@ def _split(model):
 @pytest.mark.parametrize("targets, tied", [("all", False), ("q,v", True),
                                            ("down", False)])
 def test_zero_adapters_leave_the_model_unchanged(targets, tied):
-  config = dataclasses.replace(CONFIG, tie_embeddings=tied, qkv_bias=True)
+  config = small_config(num_kv_heads=2, vocab_size=97, max_seq_len=16,
+                        tie_embeddings=tied, qkv_bias=True)
   spec = lora.LoRAConfig(4, 8.0, targets)
   plain = model_lib.Llama(config, rngs=nnx.Rngs(0))
   adapted = _lora_model(config, spec)
@@ -259,6 +256,7 @@ def test_cli_error_is_one_line_and_exit_2(checkpoint, sft_file, capsys):
                           "all.")
 
 
+@pytest.mark.slow
 def test_finetune_lora_resumes_and_exports_merged_weights(
     checkpoint, sft_file, tmp_path):
   """A LoRA run stopped at step 3 resumes from its Orbax checkpoint; its
