@@ -50,7 +50,8 @@ Training: :func:`adapter_mask` is the ``trainable`` mask of
 :func:`apollo_lm.steps.make_train_step` (only the adapters are
 differentiated and counted in the gradient norm; the frozen weights' gradients
 are never computed) and of :func:`apollo_lm.optimizers.train_only`
-(optimizer state for the adapters only). Export: :func:`merged_params`.
+(optimizer state for the adapters only; a ``--grad-clip`` chained inside
+clips the adapters' gradient norm). Export: :func:`merged_params`.
 
 Example::
 
