@@ -230,15 +230,19 @@ def make_update_step(tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, param_dtype: Any = jnp.float32,
+                   *, dequantize: bool = True,
                    ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
   """``eval(params, batch) -> (loss sum, token count)``, float32 scalars.
 
   int8 ``QuantizedArray`` parameters (Q-APOLLO) are dequantized to
-  ``param_dtype`` first.
+  ``param_dtype`` first, unless ``dequantize`` is False: for a model whose
+  layers read them one layer at a time (:class:`apollo_lm.lora.LoRALinear`,
+  QLoRA-like), which keeps the whole dequantized model out of memory.
   """
 
   def eval_step(params: Any, batch: Batch):
-    params = apollo_optax.dequantize_params(params, param_dtype)
+    if dequantize:
+      params = apollo_optax.dequantize_params(params, param_dtype)
     return next_token_loss_sum(_apply(graphdef, params, batch), batch)
 
   return eval_step

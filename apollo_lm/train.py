@@ -224,7 +224,9 @@ def _make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       train_step, donate_argnums=(0, 1),
       out_shardings=(param_shardings, opt_shardings, None),
       compiler_options=compiler_options)
-  eval_fn = steps.make_eval_step(graphdef, llama.param_dtype)
+  # A frozen int8 base (`trainable`: LoRA) is dequantized by its layers.
+  eval_fn = steps.make_eval_step(graphdef, llama.param_dtype,
+                                 dequantize=trainable is None)
   eval_step = jax.jit(lambda params, batch: eval_fn(params, first(batch)))
   return train_step, eval_step
 

@@ -174,6 +174,11 @@ def test_int8_base_stays_frozen_and_dequantizes_inside_the_layers():
   np.testing.assert_allclose(inside(params, batch.inputs),
                              _logits(graphdef, params, batch.inputs),
                              rtol=1e-6, atol=1e-6)
+  # ... so the eval step need not dequantize the whole model first.
+  eval_lazy = jax.jit(steps.make_eval_step(graphdef, dequantize=False))
+  np.testing.assert_allclose(
+      eval_lazy(params, batch),
+      jax.jit(steps.make_eval_step(graphdef))(params, batch), rtol=1e-6)
   tx = optimizers.train_only(optax.adamw(1e-2), lora.adapter_mask)
   new, _, metrics = _train(params, graphdef, tx, num_steps=4)
   assert metrics[-1]["loss"] < metrics[0]["loss"] + 1.0
@@ -259,12 +264,13 @@ def test_cli_error_is_one_line_and_exit_2(checkpoint, sft_file, capsys):
 @pytest.mark.slow
 def test_finetune_lora_resumes_and_exports_merged_weights(
     checkpoint, sft_file, tmp_path):
-  """A LoRA run stopped at step 3 resumes from its Orbax checkpoint; its
-  --save-hf folder is an ordinary checkpoint (no adapter tensors) whose
-  logits are the adapted model's."""
+  """A QLoRA-like run (int8 base) stopped at step 3 resumes from its Orbax
+  checkpoint; its --save-hf folder is an ordinary checkpoint (no adapter
+  tensors, float kernels: the dequantized base plus the adapters)."""
   from apollo_lm import finetune, hf
   common = dict(steps=6, batch_size=4, seq_len=32, eval_every=0,
-                eval_batches=0, no_progress=True, num_devices=1, lora_rank=4,
+                eval_batches=1, no_progress=True, num_devices=1, lora_rank=4,
+                quantize_weights="int8", quant_group_size=16,
                 lora_targets="q,k,v,o,gate,up,down", lr=1e-2,
                 checkpoint_dir=str(tmp_path / "ckpt"))
   first = finetune.finetune(_config(checkpoint, sft_file, stop_at_step=3,
@@ -276,6 +282,7 @@ def test_finetune_lora_resumes_and_exports_merged_weights(
   assert (second.start_step, second.step) == (3, 6)
   assert second.losses[-1] < first.losses[0]
   assert second.hparams["lora_rank"] == 4
+  assert np.isfinite(second.eval_loss)
   # Optimizer state: Adam moments of the adapters only.
   tuned, llama = hf.load_pretrained(tmp_path / "hf")
   base, _ = hf.load_pretrained(checkpoint)
@@ -284,10 +291,14 @@ def test_finetune_lora_resumes_and_exports_merged_weights(
   assert jax.tree.structure(tuned_params) == jax.tree.structure(base_params)
   np.testing.assert_array_equal(tuned_params["embed"]["embedding"],
                                 base_params["embed"]["embedding"])
-  assert np.any(np.asarray(tuned_params["layers"]["mlp"]["down_proj"]
-                           ["kernel"]) != np.asarray(
-                               base_params["layers"]["mlp"]["down_proj"]
-                               ["kernel"]))
+  # Against the int8 base the run started from: the adapters' change.
+  base_int8 = apollo_optax.dequantize_params(
+      lora.quantize_base(base_params, 16), jnp.float32)
+  for block, proj in lora.TARGETS.values():
+    tuned_kernel = tuned_params["layers"][block][proj]["kernel"]
+    assert tuned_kernel.dtype == jnp.float32
+    assert np.any(np.asarray(tuned_kernel) != np.asarray(
+        base_int8["layers"][block][proj]["kernel"]))
   # Optimizer state: two float32 Adam moments per adapter parameter.
   count = sum(4 * x.shape[0] * (x.shape[1] + x.shape[2])
               for x in jax.tree.leaves(tuned_params["layers"]) if x.ndim == 3)
