@@ -28,6 +28,13 @@ paper sweeps 2e-5..5e-5), a linear schedule with 100 warm-up steps, no weight
 decay. LLaMA-Factory's ``use_apollo`` example instead uses rank 16, scale 32,
 lr 1e-5, layer-wise updates and pure bf16; pass ``--rank 16 --scale 32 --lr
 1e-5 --layerwise --param-dtype bfloat16`` for that recipe.
+
+LoRA (:mod:`apollo_lm.lora`) instead of full fine-tuning: ``--lora-rank 16``
+(``--lora-alpha``, default 2 x rank as LLaMA-Factory; ``--lora-targets``,
+default all seven projections) trains adapters with AdamW at lr 1e-4 (the
+default optimizer and lr with ``--lora-rank``), the base frozen; with
+``--quantize-weights int8`` the frozen base is int8 (QLoRA-like, no
+``--layerwise`` needed). ``--save-hf`` writes the merged weights.
 """
 
 from __future__ import annotations
@@ -52,8 +59,11 @@ from apollo_lm import geometry as geometry_lib
 from apollo_lm import hf
 from apollo_lm import hub
 from apollo_lm import layerwise
+from apollo_lm import lora
+from apollo_lm import model as model_lib
 from apollo_lm import optimizers
 from apollo_lm import sft
+from apollo_lm import sharding as sharding_lib
 from apollo_lm import tokenizer as tokenizer_lib
 from apollo_lm import train as train_lib
 from apollo_lm.run_config import option
@@ -126,9 +136,9 @@ class FinetuneConfig(TrainConfig):
   batch_size: int = option(8, "global batch size (packed rows per update)",
                             group="run")
   steps: int = option(1000, "optimizer updates", group="run")
-  optimizer: str = option(
-      "apollo_mini", f"one of {', '.join(optimizers.OPTIMIZER_NAMES)}",
-      group="optimizer")
+  optimizer: str | None = option(
+      None, f"one of {', '.join(optimizers.OPTIMIZER_NAMES)} (default: "
+      "apollo_mini; adamw with --lora-rank)", group="optimizer")
   warmup_steps: int | None = option(
       None, f"linear warm-up steps (default: min({WARMUP_STEPS}, 10%% of "
       "--steps)); then linear decay to 0", group="optimizer")
@@ -165,8 +175,31 @@ class FinetuneConfig(TrainConfig):
   freeze_head: bool = option(
       False, "do not train the output head (tied checkpoints: use "
       "--freeze-embedding, which is the same matrix)", group="finetune")
+  lora_rank: int | None = option(
+      None, "LoRA instead of full fine-tuning: rank-R adapters on "
+      "--lora-targets of every layer, trained with adamw, everything else "
+      "frozen (with --quantize-weights int8: an int8 base, QLoRA-like)",
+      group="finetune", metavar="R")
+  lora_alpha: float | None = option(
+      None, "LoRA adapters add (alpha / rank) x A B (default: 2 x "
+      "--lora-rank)", group="finetune", metavar="ALPHA")
+  lora_targets: tuple[str, ...] | None = option(
+      None, f"projections that get LoRA adapters, comma-separated from "
+      f"{','.join(lora.TARGETS)} or all (default: all)", group="finetune",
+      metavar="NAMES")
 
   def __post_init__(self):
+    if self.optimizer is None:
+      object.__setattr__(self, "optimizer",
+                         "adamw" if self.lora_rank else "apollo_mini")
+    if self.lora_rank is not None and self.lr is None:
+      object.__setattr__(self, "lr", lora.LEARNING_RATE)
+    if isinstance(self.lora_targets, str):
+      object.__setattr__(self, "lora_targets",
+                         tuple(self.lora_targets.split(",")))
+    if (self.lora_alpha is None and isinstance(self.lora_rank, int)
+        and not isinstance(self.lora_rank, bool)):
+      object.__setattr__(self, "lora_alpha", 2.0 * self.lora_rank)
     recipe = optimizers.RECIPES.get(self.optimizer)
     if recipe is not None:
       d = recipe.finetune
@@ -182,6 +215,7 @@ class FinetuneConfig(TrainConfig):
 
   def validate(self) -> None:
     super().validate()
+    self._validate_lora()
     if not self.checkpoint:
       raise ConfigError("--checkpoint", "a Hugging Face model folder or Hub "
                         "id is required.")
@@ -201,6 +235,40 @@ class FinetuneConfig(TrainConfig):
     if self.eval_data is None and not 0 < self.eval_fraction < 1:
       raise ConfigError("--eval-fraction", f"must be in (0, 1), got "
                         f"{self.eval_fraction}.")
+
+  def _validate_lora(self) -> None:
+    if self.lora_rank is None:
+      for name in ("lora_alpha", "lora_targets"):
+        if getattr(self, name) is not None:
+          raise ConfigError(self.flag(name), "needs --lora-rank (LoRA "
+                            "fine-tuning); without it all weights train.")
+      return
+    try:
+      self.lora_config
+    except ConfigError as e:
+      raise e.renamed(self.flag(e.option)) from e
+    if self.optimizer != "adamw":
+      raise ConfigError(
+          "--optimizer", f"LoRA trains its adapters with adamw, got "
+          f"{self.optimizer!r}; allowed with --lora-rank: adamw. (APOLLO, "
+          "APOLLO-Mini and GaLore compress full-rank gradients; an adapter's "
+          "is already rank R.)")
+    if self.layerwise:
+      raise ConfigError("--layerwise", "not with --lora-rank: only the "
+                        "adapters have gradients, and they are small.")
+
+  @property
+  def lora_config(self) -> lora.LoRAConfig | None:
+    """The adapters' rank, alpha and targets; None without --lora-rank."""
+    if self.lora_rank is None:
+      return None
+    return lora.LoRAConfig(self.lora_rank, self.lora_alpha,
+                           self.lora_targets)
+
+  @property
+  def trainable(self):
+    """LoRA: the adapters (:func:`apollo_lm.lora.adapter_mask`); else all."""
+    return lora.adapter_mask if self.lora_rank is not None else None
 
   @property
   def frozen_parts(self) -> tuple[str, ...]:
@@ -296,11 +364,18 @@ def load_model(config: FinetuneConfig, llama: configs.LlamaConfig,
         **config.model_overrides())
   except (OSError, ValueError) as e:
     raise ConfigError("--checkpoint", str(e)) from e
+  quantize = layerwise.quantize_llama_params
+  if config.lora_config is not None:
+    lora.add_adapters(model, config.lora_config,
+                      rngs=nnx.Rngs(config.seed),
+                      wrap_all=config.quantize_weights == "int8")
+    sharding_lib.shard_model(model, geometry.mesh)
+    quantize = lora.quantize_base
   graphdef, state = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(state)
   if config.quantize_weights == "int8":
     try:
-      params = layerwise.quantize_llama_params(params, config.quant_group_size)
+      params = quantize(params, config.quant_group_size)
     except ValueError as e:
       raise ConfigError("--quant-group-size", str(e)) from e
   return graphdef, params
@@ -328,8 +403,15 @@ def make_optimizer(config: FinetuneConfig, llama: configs.LlamaConfig):
         **options)
   except ConfigError as e:
     raise e.renamed(FinetuneConfig.flag(e.option)) from e
-  tx = optimizers.freeze(tx, config.frozen_parts)
-  if config.quantize_weights == "int8":
+  if config.lora_config is not None:
+    # The base, int8 or not, is frozen: no quantized_weights.
+    tx = optimizers.train_only(tx, lora.adapter_mask)
+    hparams |= {"lora_rank": config.lora_rank,
+                "lora_alpha": config.lora_alpha,
+                "lora_targets": list(config.lora_config.targets)}
+  else:
+    tx = optimizers.freeze(tx, config.frozen_parts)
+  if config.quantize_weights == "int8" and config.lora_config is None:
     tx = apollo_optax.quantized_weights(tx, key=jax.random.key(config.seed))
   hparams |= {"schedule": "linear", "frozen": list(config.frozen_parts),
               "mu_dtype": config.mu_dtype}
@@ -347,6 +429,12 @@ def save_hf(config: FinetuneConfig, llama: configs.LlamaConfig,
             graphdef: nnx.GraphDef, params: Any) -> None:
   """Writes the fine-tuned weights and the checkpoint's tokenizer files."""
   import shutil  # pylint: disable=g-import-not-at-top
+  if config.lora_config is not None:
+    # The merged weights in the model without adapters.
+    params = lora.merged_params(params, config.lora_config.scale,
+                                llama.param_dtype)
+    graphdef = nnx.graphdef(nnx.eval_shape(
+        lambda: model_lib.Llama(llama, rngs=nnx.Rngs(0))))
   params = apollo_optax.dequantize_params(params, llama.param_dtype)
   model = nnx.merge(graphdef, params)
   out = pathlib.Path(config.save_hf)

@@ -591,9 +591,23 @@ def freeze(tx: optax.GradientTransformation,
   """
   if not parts:
     return tx
+  return train_only(
+      tx, lambda params: jax.tree.map(lambda f: not f,
+                                      frozen_mask(params, parts)))
+
+
+def train_only(tx: optax.GradientTransformation,
+               trainable: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """``tx`` on the leaves where ``trainable(params)`` is True; the others get
+  zero updates and no optimizer state (their gradients are not read).
+
+  Example (LoRA: only the adapters train)::
+
+    tx = train_only(optax.adamw(1e-4), apollo_lm.lora.adapter_mask)
+  """
 
   def labels(params: Any) -> Any:
-    return jax.tree.map(lambda f: "frozen" if f else "train",
-                        frozen_mask(params, parts))
+    return jax.tree.map(lambda t: "train" if t else "frozen",
+                        trainable(params))
 
   return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from apollo_lm import configs
@@ -250,6 +250,13 @@ class TrainConfig:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
   @property
+  def trainable(self) -> Callable[[Any], Any] | None:
+    """Which parameters the step trains: None for all of them, or a function
+    ``params -> pytree of bools`` (``make_train_step(trainable=)``;
+    ``apollo_lm.finetune`` with LoRA: the adapters, the base frozen)."""
+    return None
+
+  @property
   def last_step(self) -> int:
     """The step this call stops at (``stop_at_step`` or ``steps``)."""
     return self.steps if self.stop_at_step is None else self.stop_at_step
@@ -336,7 +343,9 @@ class TrainConfig:
                         f"{self.steps}], got {self.last_step}.")
     if self.resume and not self.checkpoint_dir:
       raise ConfigError("--resume", "needs --checkpoint-dir.")
-    if self.quantize_weights != "none" and not self.layerwise:
+    # A frozen int8 base (LoRA, `trainable`) has no gradient to hold.
+    if (self.quantize_weights != "none" and not self.layerwise
+        and self.trainable is None):
       raise ConfigError(
           "--quantize-weights", "int8 weights need --layerwise; the ordinary "
           "step would hold the whole model's dequantized gradient, which "
@@ -382,7 +391,8 @@ STRUCTURAL_OPTIONS: tuple[str, ...] = (
     "model", "model_override", "config_overrides", "dtype", "optimizer",
     "rank", "scale_type", "projection", "limiter", "layerwise",
     "quantize_weights", "quant_group_size", "vocab_size", "seq_len", "c4",
-    "hf_tokenizer", "grad_clip", "non_lowrank_lr", "seed")
+    "hf_tokenizer", "grad_clip", "non_lowrank_lr", "seed", "lora_rank",
+    "lora_alpha", "lora_targets")
 
 
 def resume_mismatches(stored: Mapping[str, Any],

@@ -110,7 +110,9 @@ def loss_fn(graphdef: nnx.GraphDef) -> Callable[[Any, Batch], jax.Array]:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     *, grad_accum: int | None = None,
-                    with_grad_norm: bool = True) -> TrainStep:
+                    with_grad_norm: bool = True,
+                    trainable: Callable[[Any], Any] | None = None,
+                    ) -> TrainStep:
   """``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
   Args:
@@ -127,34 +129,68 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       gradient) to the metrics. It is computed before ``tx.update`` and is a
       scalar, so it does not extend the gradients' lifetime; memory
       benchmarks still turn it off to compile exactly the update.
+    trainable: None trains every leaf. A function ``params -> pytree of
+      bools`` (e.g. :func:`apollo_lm.lora.adapter_mask`): only those leaves
+      are differentiated, counted in ``grad_norm`` and updated; the others
+      (which may be int8 ``QuantizedArray`` weights) pass through unchanged
+      and their gradients are never computed. ``tx`` still gets the whole
+      tree, with zero gradients for the frozen leaves, so freeze them in it
+      (:func:`apollo_lm.optimizers.train_only`) to hold no state for them.
 
   Returns:
     The pure step; metrics are ``{"loss"}`` (+ ``"grad_norm"``).
   """
-  grad_fn = jax.value_and_grad(loss_fn(graphdef))
+  loss = loss_fn(graphdef)
+  # Differentiated with respect to the trainable leaves only.
+  grad_fn = jax.value_and_grad(
+      lambda train, frozen, batch: loss(_join(train, frozen), batch))
 
-  def gradients(params: Any, batch: Batch) -> tuple[jax.Array, Any]:
+  def gradients(train: Any, frozen: Any,
+                batch: Batch) -> tuple[jax.Array, Any]:
     if grad_accum is None:
-      return grad_fn(params, batch)
+      return grad_fn(train, frozen, batch)
 
     def micro_step(grads_sum, micro_batch):
-      loss, grads = grad_fn(params, micro_batch)
+      loss, grads = grad_fn(train, frozen, micro_batch)
       return jax.tree.map(jnp.add, grads_sum, grads), loss
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, train)
     grads, losses = jax.lax.scan(micro_step, zeros, batch)
     grads = jax.tree.map(lambda g: g / grad_accum, grads)
     return jnp.mean(losses), grads
 
   def step(params: Any, opt_state: Any, batch: Batch):
-    loss, grads = gradients(params, batch)
+    mask = None if trainable is None else trainable(params)
+    train, frozen = _split(params, mask)
+    loss, grads = gradients(train, frozen, batch)
     metrics = {"loss": loss}
     if with_grad_norm:
       metrics["grad_norm"] = optax.tree.norm(grads)
+    # Zeros that `tx` does not read when it freezes those leaves, so XLA
+    # never materialises them.
+    grads = _join(grads, jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    train = optax.apply_updates(train, _split(updates, mask)[0])
+    return _join(train, frozen), opt_state, metrics
 
   return step
+
+
+def _split(tree: Any, mask: Any) -> tuple[Any, Any]:
+  """(leaves where ``mask``, the others), None in the other's places; with
+  ``mask`` None, ``(tree, None)``."""
+  if mask is None:
+    return tree, None
+  return (jax.tree.map(lambda x, m: x if m else None, tree, mask),
+          jax.tree.map(lambda x, m: None if m else x, tree, mask))
+
+
+def _join(first: Any, second: Any) -> Any:
+  """Inverse of :func:`_split`: ``first``'s leaves, ``second``'s for None."""
+  if second is None:
+    return first
+  return jax.tree.map(lambda a, b: b if a is None else a, first, second,
+                      is_leaf=lambda x: x is None)
 
 
 def make_layerwise_train_step(config: LlamaConfig,
@@ -194,15 +230,19 @@ def make_update_step(tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, param_dtype: Any = jnp.float32,
+                   *, dequantize: bool = True,
                    ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
   """``eval(params, batch) -> (loss sum, token count)``, float32 scalars.
 
   int8 ``QuantizedArray`` parameters (Q-APOLLO) are dequantized to
-  ``param_dtype`` first.
+  ``param_dtype`` first, unless ``dequantize`` is False: for a model whose
+  layers read them one layer at a time (:class:`apollo_lm.lora.LoRALinear`,
+  QLoRA-like), which keeps the whole dequantized model out of memory.
   """
 
   def eval_step(params: Any, batch: Batch):
-    params = apollo_optax.dequantize_params(params, param_dtype)
+    if dequantize:
+      params = apollo_optax.dequantize_params(params, param_dtype)
     return next_token_loss_sum(_apply(graphdef, params, batch), batch)
 
   return eval_step

@@ -202,7 +202,8 @@ def _optimizer(config: TrainConfig, llama: configs.LlamaConfig):
 def _make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                 param_shardings: Any, opt_shardings: Any,
                 geometry: geometry_lib.Geometry,
-                llama: configs.LlamaConfig, layer_wise: bool):
+                llama: configs.LlamaConfig, layer_wise: bool,
+                trainable: Callable[[Any], Any] | None = None):
   """The jitted :mod:`apollo_lm.steps` ``train_step`` and ``eval_step``.
 
   Both take a ``steps.Batch`` of ``(A, B / A, T)`` arrays (``A`` =
@@ -216,13 +217,16 @@ def _make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     compiler_options = layerwise.compiler_options()
   else:
     train_step = steps.make_train_step(graphdef, tx,
-                                       grad_accum=geometry.grad_accum)
+                                       grad_accum=geometry.grad_accum,
+                                       trainable=trainable)
     compiler_options = None
   train_step = jax.jit(
       train_step, donate_argnums=(0, 1),
       out_shardings=(param_shardings, opt_shardings, None),
       compiler_options=compiler_options)
-  eval_fn = steps.make_eval_step(graphdef, llama.param_dtype)
+  # A frozen int8 base (`trainable`: LoRA) is dequantized by its layers.
+  eval_fn = steps.make_eval_step(graphdef, llama.param_dtype,
+                                 dequantize=trainable is None)
   eval_step = jax.jit(lambda params, batch: eval_fn(params, first(batch)))
   return train_step, eval_step
 
@@ -321,7 +325,8 @@ def _setup(config: TrainConfig, data_fn, model_fn, llama_fn,
   if start_step:
     params, opt_state, _ = checkpointer.restore(start_step, params, opt_state)
   train_step, eval_step = _make_steps(graphdef, tx, *shardings, geometry,
-                                      llama, config.layerwise)
+                                      llama, config.layerwise,
+                                      config.trainable)
   is_main = geometry.process_index == 0
   log = ((lambda msg: tqdm.tqdm.write(msg, file=sys.stderr)) if is_main
          else (lambda msg: None))
