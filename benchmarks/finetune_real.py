@@ -74,14 +74,14 @@ class Method:
 
 
 # Sweeps: a half-decade grid around each method's documented default
-# (apollo_lm.finetune: AdamW 2e-5, the APOLLO family and GaLore 3e-4; LoRA:
-# PEFT/QLoRA's usual 1e-4..3e-4).
+# (apollo_lm.optimizers.RECIPES: AdamW 2e-5, the APOLLO family and GaLore
+# 3e-4; apollo_lm.lora: 1e-4, LLaMA-Factory's LoRA default).
 METHODS = {
     "adamw": Method("adamw", (1e-5, 3e-5, 1e-4)),
     "apollo": Method("apollo", (1e-4, 3e-4, 1e-3)),
     "apollo_mini": Method("apollo_mini", (1e-4, 3e-4, 1e-3)),
     "galore": Method("galore", (1e-4, 3e-4, 1e-3)),
-    "lora": Method("adamw", (1e-4, 3e-4, 1e-3),
+    "lora": Method("adamw", (3e-5, 1e-4, 3e-4),
                    (("lora_rank", 16), ("lora_alpha", 32.0))),
 }
 
