@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures bench-finetune clean
+.PHONY: setup test test-floor dist demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures bench-finetune clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,examples]"
+	$(PY) -m pip install --quiet -e ".[dev,lm]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -17,11 +17,38 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
+# The dependency floors of pyproject.toml: a side venv with the oldest jax and
+# optax they allow (and the newest of everything else that installs with
+# them) runs the library's tests.
+JAX_FLOOR ?= 0.7.0
+OPTAX_FLOOR ?= 0.2.6
+FLOOR_PY := .venv-floor/bin/python
+
+test-floor:
+	rm -rf .venv-floor
+	$(PYTHON) -m venv .venv-floor
+	$(FLOOR_PY) -m pip install --quiet --upgrade pip
+	$(FLOOR_PY) -m pip install --quiet "jax==$(JAX_FLOOR)" "jaxlib==$(JAX_FLOOR)" "optax==$(OPTAX_FLOOR)" ".[test,lm]"
+	$(FLOOR_PY) -m pip list 2>/dev/null | grep -E "^(jax|jaxlib|optax|flax|chex|numpy) "
+	$(FLOOR_PY) -m pytest -q -n 2 --dist loadgroup tests/apollo_optax
+
+# The release artifacts: sdist and wheel in dist/, checked by twine, and the
+# wheel installed in a fresh venv that runs the README's Quickstart.
+dist:
+	rm -rf dist build .venv-dist .venv-wheel
+	$(PYTHON) -m venv .venv-dist
+	.venv-dist/bin/python -m pip install --quiet build twine
+	.venv-dist/bin/python -m build --outdir dist .
+	.venv-dist/bin/python -m twine check --strict dist/*
+	$(PYTHON) -m venv .venv-wheel
+	.venv-wheel/bin/python -m pip install --quiet dist/*.whl
+	cd /tmp && $(CURDIR)/.venv-wheel/bin/python $(CURDIR)/.ci/check_wheel.py $(CURDIR)/README.md
+
 demo: $(STAMP)
 	$(PY) -m apollo_lm.demo
 
 clean:
-	rm -rf $(VENV) results .cache
+	rm -rf $(VENV) .venv-floor .venv-dist .venv-wheel dist build results .cache
 
 # CPU benchmark set (< 20 min on 2 cores): results in benchmarks/results/.
 # Timed with `time make bench`; see benchmarks/README.md.
@@ -62,7 +89,7 @@ ACCEL_RUN := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(ACCEL_PY)
 	test -x $(ACCEL_PY) || $(PYTHON) -m venv .venv-accel
 	$(ACCEL_PY) -m pip install --quiet "jax==0.10.2" "jax[tpu]==0.10.2"
 	$(ACCEL_PY) -m pip install --quiet --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
-	$(ACCEL_PY) -m pip install --quiet -e ".[examples]" pytest
+	$(ACCEL_PY) -m pip install --quiet -e ".[lm]" pytest
 	touch .venv-accel/.installed
 
 accel-env: .venv-accel/.installed

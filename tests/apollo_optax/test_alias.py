@@ -114,7 +114,7 @@ def _make(config, seed=0, **options):
   gamma = c.pop("gamma", 1.01)
   ref_config = reference.ReferenceConfig(lr=1e-2, gap=GAP, gamma=gamma, **c)
   tx = apollo_optax.apollo(
-      1e-2, c.pop("rank"), update_proj_gap=GAP, norm_growth_limit=gamma, seed=seed,
+      1e-2, c.pop("rank"), update_proj_gap=GAP, norm_growth_limit=gamma, key=seed,
       **c, **options
   )
   return tx, ref_config
@@ -353,3 +353,36 @@ def test_negative_learning_rates_are_refused_with_their_name(kwargs, match, make
 def test_adam_learning_rate_must_be_a_number_or_schedule():
   with pytest.raises(TypeError, match="`adam_learning_rate` must be a number"):
     apollo_optax.apollo(1e-2, adam_learning_rate="fast")
+
+
+def _three_updates(tx):
+  params, grads = _problem(seed=4)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  state = tx.init(params)
+  for g in grads[:3]:
+    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
+    updates, state = tx.update(g, state, params)
+  return updates
+
+
+@pytest.mark.parametrize("make", [
+    functools.partial(apollo_optax.apollo, rank=2),
+    apollo_optax.apollo_mini,
+])
+def test_key_is_an_int_or_a_prng_key_and_seed_is_deprecated(make):
+  by_int = _three_updates(make(1e-2, key=3, update_proj_gap=2))
+  by_key = _three_updates(make(1e-2, key=jax.random.key(3), update_proj_gap=2))
+  by_raw_key = _three_updates(
+      make(1e-2, key=jax.random.PRNGKey(3), update_proj_gap=2))
+  with pytest.warns(DeprecationWarning, match="`seed` is deprecated, use `key`"):
+    tx = make(1e-2, seed=3, update_proj_gap=2)
+  by_seed = _three_updates(tx)
+  other = _three_updates(make(1e-2, key=4, update_proj_gap=2))
+  for updates in (by_key, by_raw_key, by_seed):
+    jax.tree.map(np.testing.assert_array_equal, updates, by_int)
+  assert not np.array_equal(other["tall"], by_int["tall"])
+  with pytest.warns(DeprecationWarning), pytest.raises(
+      ValueError, match="pass `key` or the deprecated `seed`"):
+    make(1e-2, key=3, seed=3)
+  with pytest.raises(TypeError, match="`key` must be a PRNG key"):
+    make(1e-2, key="3")
