@@ -109,6 +109,10 @@ def gaussian_projection(
     >>> p = gaussian_projection(jax.random.key(0), (4, 64))
     >>> p.shape
     (4, 64)
+
+  References:
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, MLSys 2025
   """
   rank = shape[0]
   return _standard_normal(key, shape, dtype) * (1.0 / math.sqrt(rank))
