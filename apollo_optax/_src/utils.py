@@ -154,7 +154,8 @@ def prng_key(key: Union[jax.Array, int]) -> jax.Array:
   """A typed PRNG key from a typed key, a raw ``uint32`` key or an int seed."""
   if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
-  if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32:
+  if (isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32
+      and key.shape == (2,)):
     return jax.random.wrap_key_data(key)
   if isinstance(key, bool) or not (
       isinstance(key, numbers.Integral)

@@ -10,6 +10,7 @@ import pytest
 
 import apollo_optax
 from apollo_optax._src import projection as proj
+from tests.apollo_optax import jax_compat
 from tests.apollo_optax import reference
 
 SHAPES = {
@@ -131,7 +132,7 @@ def test_apollo_matches_reference_float32(config):
 
 @pytest.mark.parametrize("config", CONFIGS[::3], ids=_ids)
 def test_apollo_matches_reference_float64(config):
-  with jax.enable_x64(True):
+  with jax_compat.enable_x64(True):
     params, grads = _problem(seed=1)
     tx, ref_config = _make(config, seed=3)
     actual = _run(tx, params, grads, jnp.float64)
@@ -151,7 +152,7 @@ def test_rademacher_matches_reference_float32(config):
 
 @pytest.mark.parametrize("config", CONFIGS[1::4], ids=_ids)
 def test_rademacher_matches_reference_float64(config):
-  with jax.enable_x64(True):
+  with jax_compat.enable_x64(True):
     params, grads = _problem(seed=1)
     tx, ref_config = _make(config, seed=3, projection="rademacher")
     actual = _run(tx, params, grads, jnp.float64)
@@ -264,7 +265,7 @@ ADAM_SPLITS = [
 @pytest.mark.parametrize("split", ADAM_SPLITS, ids=["lr", "lr-decay", "decay-0", "schedule"])
 def test_adam_leaves_move_by_their_own_rate_and_decay(split, mini):
   split = dict(split)
-  with jax.enable_x64(True):
+  with jax_compat.enable_x64(True):
     params, grads = _problem(seed=2)
     if mini:
       tx = apollo_optax.apollo_mini(1e-2, update_proj_gap=GAP, **split)
