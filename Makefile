@@ -19,18 +19,23 @@ test: $(STAMP)
 
 # The dependency floors of pyproject.toml: a side venv with the oldest jax and
 # optax they allow (and the newest of everything else that installs with
-# them) runs the library's tests.
-JAX_FLOOR ?= 0.7.0
+# them) runs the library's tests. jax 0.7.2 is the first with
+# jax.sharding.use_abstract_mesh (state_shardings). The one test that builds an
+# apollo_lm model needs flax >= 0.12.1 (nnx.use_eager_sharding), which needs
+# jax >= 0.8.1, so it is left out here.
+JAX_FLOOR ?= 0.7.2
 OPTAX_FLOOR ?= 0.2.6
 FLOOR_PY := .venv-floor/bin/python
+FLOOR_TESTS ?= tests/apollo_optax
 
 test-floor:
 	rm -rf .venv-floor
 	$(PYTHON) -m venv .venv-floor
 	$(FLOOR_PY) -m pip install --quiet --upgrade pip
-	$(FLOOR_PY) -m pip install --quiet "jax==$(JAX_FLOOR)" "jaxlib==$(JAX_FLOOR)" "optax==$(OPTAX_FLOOR)" ".[test,lm]"
+	$(FLOOR_PY) -m pip install --quiet "jax==$(JAX_FLOOR)" "jaxlib==$(JAX_FLOOR)" "optax==$(OPTAX_FLOOR)" ".[test]" "flax>=0.12" orbax-checkpoint tokenizers safetensors tqdm matplotlib jinja2
 	$(FLOOR_PY) -m pip list 2>/dev/null | grep -E "^(jax|jaxlib|optax|flax|chex|numpy) "
-	$(FLOOR_PY) -m pytest -q -n 2 --dist loadgroup tests/apollo_optax
+	$(FLOOR_PY) -m pytest -q -n 2 --dist loadgroup $(FLOOR_TESTS) \
+	  --deselect tests/apollo_optax/test_sharding.py::test_nnx_optimizer_state_sharding
 
 # The release artifacts: sdist and wheel in dist/, checked by twine, and the
 # wheel installed in a fresh venv that runs the README's Quickstart.

@@ -17,7 +17,7 @@ This module owns:
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union, get_args
 import warnings
 
 import jax
@@ -33,8 +33,8 @@ from apollo_optax._src import utils
 
 ScaleType = Literal["channel", "tensor"]
 ProjectionName = Literal["gaussian", "rademacher", "svd"]
-SCALE_TYPES: tuple[str, ...] = ScaleType.__args__
-PROJECTIONS: tuple[str, ...] = ProjectionName.__args__
+SCALE_TYPES: tuple[str, ...] = get_args(ScaleType)
+PROJECTIONS: tuple[str, ...] = get_args(ProjectionName)
 # Guards the scaling factor against an all-zero projected gradient, as in the
 # official implementation.
 _NORM_EPS = 1e-8
