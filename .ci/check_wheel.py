@@ -15,7 +15,8 @@ import sys
 
 def quickstart(readme: str) -> str:
   """The first Python block after the heading that names the Quickstart."""
-  section = re.search(r"^#+ .*Quickstart.*$(.*?)(?=^#+ |\Z)", readme, re.M | re.S)
+  section = re.search(r"^#+ [^\n]*Quickstart[^\n]*\n(.*?)(?=^#+ |\Z)", readme,
+                      re.M | re.S)
   if section is None:
     raise SystemExit("README.md has no Quickstart heading")
   block = re.search(r"```python\n(.*?)```", section.group(1), re.S)
