@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures smollm2 bench-finetune clean
+.PHONY: setup test test-fast test-floor dist demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures smollm2 bench-finetune clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,examples]"
+	$(PY) -m pip install --quiet -e ".[dev,lm]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,11 +22,43 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
+# The dependency floors of pyproject.toml: a side venv with the oldest jax and
+# optax they allow (and the newest of everything else that installs with
+# them) runs the library's tests. jax 0.7.2 is the first with
+# jax.sharding.use_abstract_mesh (state_shardings). The one test that builds an
+# apollo_lm model needs flax >= 0.12.1 (nnx.use_eager_sharding), which needs
+# jax >= 0.8.1, so it is left out here.
+JAX_FLOOR ?= 0.7.2
+OPTAX_FLOOR ?= 0.2.6
+FLOOR_PY := .venv-floor/bin/python
+FLOOR_TESTS ?= tests/apollo_optax
+
+test-floor:
+	rm -rf .venv-floor
+	$(PYTHON) -m venv .venv-floor
+	$(FLOOR_PY) -m pip install --quiet --upgrade pip
+	$(FLOOR_PY) -m pip install --quiet "jax==$(JAX_FLOOR)" "jaxlib==$(JAX_FLOOR)" "optax==$(OPTAX_FLOOR)" ".[test]" "flax>=0.12" orbax-checkpoint tokenizers safetensors tqdm matplotlib jinja2
+	$(FLOOR_PY) -m pip list 2>/dev/null | grep -E "^(jax|jaxlib|optax|flax|chex|numpy) "
+	$(FLOOR_PY) -m pytest -q -n 2 --dist loadgroup $(FLOOR_TESTS) \
+	  --deselect tests/apollo_optax/test_sharding.py::test_nnx_optimizer_state_sharding
+
+# The release artifacts: sdist and wheel in dist/, checked by twine, and the
+# wheel installed in a fresh venv that runs the README's Quickstart.
+dist:
+	rm -rf dist build .venv-dist .venv-wheel
+	$(PYTHON) -m venv .venv-dist
+	.venv-dist/bin/python -m pip install --quiet build twine
+	.venv-dist/bin/python -m build --outdir dist .
+	.venv-dist/bin/python -m twine check --strict dist/*
+	$(PYTHON) -m venv .venv-wheel
+	.venv-wheel/bin/python -m pip install --quiet dist/*.whl
+	cd /tmp && $(CURDIR)/.venv-wheel/bin/python $(CURDIR)/.ci/check_wheel.py $(CURDIR)/README.md
+
 demo: $(STAMP)
 	$(PY) -m apollo_lm.demo
 
 clean:
-	rm -rf $(VENV) results .cache
+	rm -rf $(VENV) .venv-floor .venv-dist .venv-wheel dist build results .cache
 
 # CPU benchmark set (< 20 min on 2 cores): results in benchmarks/results/.
 # Timed with `time make bench`; see benchmarks/README.md.
@@ -67,7 +99,7 @@ ACCEL_RUN := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(ACCEL_PY)
 	test -x $(ACCEL_PY) || $(PYTHON) -m venv .venv-accel
 	$(ACCEL_PY) -m pip install --quiet "jax==0.10.2" "jax[tpu]==0.10.2"
 	$(ACCEL_PY) -m pip install --quiet --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
-	$(ACCEL_PY) -m pip install --quiet -e ".[examples]" pytest
+	$(ACCEL_PY) -m pip install --quiet -e ".[lm]" pytest
 	touch .venv-accel/.installed
 
 accel-env: .venv-accel/.installed

@@ -42,12 +42,12 @@ generation the prompt ends with ``"Assistant: "``.
 def compile_template(source: str) -> Any:
   """A template compiled as ``transformers`` does (sandboxed, trimmed blocks)."""
   try:
-    import jinja2  # Optional dependency (extra `examples`), only for templates.
+    import jinja2  # Optional dependency (extra `lm`), only for templates.
     from jinja2 import sandbox
   except ImportError as e:
     raise ImportError(
-        "rendering a chat template needs jinja2: pip install 'apollo_optax"
-        "[examples]' (or jinja2)") from e
+        "rendering a chat template needs jinja2: pip install \"apollo-optax"
+        "[lm]\" (or jinja2)") from e
 
   def raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)

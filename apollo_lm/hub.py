@@ -147,7 +147,7 @@ def _snapshot(repo_id: str, revision: str | None) -> pathlib.Path:
   except ImportError:
     raise FileNotFoundError(
         f"{repo_id}: no such folder; loading it as a Hub id needs "
-        f"huggingface_hub: pip install 'apollo_optax[examples]'") from None
+        f"huggingface_hub: pip install \"apollo-optax[lm]\"") from None
   cache = hub_cache_dir()
   offline = is_offline()
   try:

@@ -241,7 +241,7 @@ def _apollo_options(a: BuildArgs) -> dict[str, Any]:
   h = a.hparams
   return dict(
       _moments(a), weight_decay=a.weight_decay, weight_decay_mask=decay_mask,
-      update_proj_gap=h["update_proj_gap"], seed=a.seed, scale=h["scale"],
+      update_proj_gap=h["update_proj_gap"], key=a.seed, scale=h["scale"],
       projection=h["projection"], projection_dtype=a.projection_dtype,
       adam_learning_rate=a.adam_schedule,
       **({} if h["limiter"] else {"norm_growth_limit": None}))

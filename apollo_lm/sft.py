@@ -475,7 +475,7 @@ def load_dataset_source(source: PathLike, *, split: str = "train") -> Any:
     import datasets  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ValueError(f"{source}: reading it needs `datasets`: pip install "
-                     "'apollo_optax[examples]'") from None
+                     '"apollo-optax[lm]"') from None
   kind = source_kind(source)
   try:
     if kind == "table":

@@ -3,7 +3,12 @@
 APOLLO (Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance",
 MLSys 2025) keeps Adam moments of a random low-rank projection of each weight
 gradient and uses them only to estimate a channel-wise (or tensor-wise) scale
-for the raw gradient.
+for the raw gradient. Q-APOLLO's INT8 weights are in
+:mod:`apollo_optax.quantization`.
+
+References:
+  Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+  <https://arxiv.org/abs/2412.05270>`_, MLSys 2025
 """
 
 from apollo_optax._src.adam import scale_by_adam_bias_correction
@@ -44,6 +49,7 @@ __all__ = (
     "gaussian_projection",
     "lowrank_summary",
     "norm_growth_limiter",
+    "quantization",
     "rademacher_projection",
     "scale_by_adam_bias_correction",
     "scale_by_adam_moments",
@@ -52,27 +58,16 @@ __all__ = (
     "state_shardings",
 )
 
-# Q-APOLLO: INT8 weights with group-wise scales (issue 7).
-from apollo_optax._src.quantization import apply_quantized_updates
-from apollo_optax._src.quantization import dequantize
-from apollo_optax._src.quantization import dequantize_params
-from apollo_optax._src.quantization import is_quantized
-from apollo_optax._src.quantization import quantize
-from apollo_optax._src.quantization import quantize_params
-from apollo_optax._src.quantization import QuantizedArray
-from apollo_optax._src.quantization import quantized_weights
-from apollo_optax._src.quantization import QuantizedWeightsState
-from apollo_optax._src.quantization import RequantizedWeights
-
-__all__ += (
-    "QuantizedArray",
-    "QuantizedWeightsState",
-    "RequantizedWeights",
-    "apply_quantized_updates",
-    "dequantize",
-    "dequantize_params",
-    "is_quantized",
-    "quantize",
-    "quantize_params",
-    "quantized_weights",
-)
+from apollo_optax import quantization
+# Q-APOLLO's names also at the top level, as before they were grouped in
+# `apollo_optax.quantization` (listed there, not in `__all__` below).
+from apollo_optax.quantization import apply_quantized_updates
+from apollo_optax.quantization import dequantize
+from apollo_optax.quantization import dequantize_params
+from apollo_optax.quantization import is_quantized
+from apollo_optax.quantization import quantize
+from apollo_optax.quantization import quantize_params
+from apollo_optax.quantization import QuantizedArray
+from apollo_optax.quantization import quantized_weights
+from apollo_optax.quantization import QuantizedWeightsState
+from apollo_optax.quantization import RequantizedWeights

@@ -77,6 +77,29 @@ def _git_dirty() -> list[str]:
   return [line[3:] for line in out.splitlines()]
 
 
+def _command() -> str:
+  """This run's command, with paths inside the repository made relative to it.
+
+  ``python -m benchmarks.x`` is recorded as such (``sys.argv[0]`` would be
+  the module's absolute path); an interpreter outside the repository is
+  recorded as ``python``.
+  """
+  root = RESULTS_DIR.parents[1]
+
+  def relative(arg: str) -> str:
+    path = pathlib.Path(arg)
+    if path.is_absolute() and path.is_relative_to(root):
+      return str(path.relative_to(root))
+    return arg
+
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  script = ["-m", spec.name] if spec is not None else [relative(sys.argv[0])]
+  python = relative(os.path.abspath(sys.executable))
+  if pathlib.Path(python).is_absolute():
+    python = "python"
+  return shlex.join([python, *script, *map(relative, sys.argv[1:])])
+
+
 def metadata() -> dict[str, Any]:
   """Hardware, software versions and the exact command of this run."""
   import flax  # pylint: disable=g-import-not-at-top
@@ -84,7 +107,7 @@ def metadata() -> dict[str, Any]:
   cpu = _lscpu()
   mem_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   return {
-      "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
+      "command": _command(),
       "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "git_commit": _git_commit(),

@@ -370,7 +370,7 @@ def report(records: list[dict[str, Any]], unigram: dict[str, float]
     fast = _fast_rows(variants)
     if fast:
       parts.append(
-          "Fast projection (issue 12; Rademacher signs and/or bfloat16 "
+          "Fast projection (Rademacher signs and/or bfloat16 "
           "product inputs), against the main run of the same optimizer: Δ is "
           "the mean of the per-seed differences (same seed = same init, data "
           "and projection keys) ± their sd; the bar is one seed sd of the "

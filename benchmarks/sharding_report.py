@@ -58,7 +58,8 @@ from apollo_lm import steps
 from apollo_lm.configs import get_config
 from benchmarks import common
 
-jax.config.update("jax_num_cpu_devices", 8)
+if jax.config.jax_num_cpu_devices != 8:  # Older JAX refuses even a no-op update.
+  jax.config.update("jax_num_cpu_devices", 8)
 
 LAYOUTS = ("fsdp_rows", "fsdp_cols", "fsdp_x_tensor")
 MODES = ("auto", "explicit", "replicated_state")

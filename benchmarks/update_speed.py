@@ -319,7 +319,7 @@ def report(results: dict[str, Any]) -> str:
         + common.markdown_table(
             ["optimizer", "best median ms", "× AdamW", "traffic MB",
              "bandwidth floor ms", "floor / measured",
-             "+ matmul floor ms", "floor / measured", "issue target"], rows))
+             "+ matmul floor ms", "floor / measured", "target"], rows))
     if "torch" in r:
       text += (
           "\n\napollo_torch / ours (same shapes, torch layout (out, in), "

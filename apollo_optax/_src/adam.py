@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import optax
 
 from apollo_optax._src import sharding as shd
@@ -30,9 +31,9 @@ class ScaleByAdamMomentsState(NamedTuple):
 
 
 def scale_by_adam_moments(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-6,
     mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""Adam's direction without bias correction: :math:`m / (\sqrt v + \epsilon)`.
@@ -58,6 +59,13 @@ def scale_by_adam_moments(
 
   Returns:
     A ``GradientTransformation``.
+
+  References:
+    Kingma and Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015
+
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, MLSys 2025 (the placement of eps)
   """
   utils.check_real("b1", b1, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
   utils.check_real("b2", b2, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
@@ -100,7 +108,7 @@ class ScaleByAdamBiasCorrectionState(NamedTuple):
 
 
 def scale_by_adam_bias_correction(
-    b1: float = 0.9, b2: float = 0.999
+    b1: ArrayLike = 0.9, b2: ArrayLike = 0.999
 ) -> optax.GradientTransformation:
   r"""Multiplies every update by :math:`\sqrt{1 - b_2^t} / (1 - b_1^t)`.
 
@@ -113,6 +121,11 @@ def scale_by_adam_bias_correction(
 
   Returns:
     A ``GradientTransformation``.
+
+  References:
+    Kingma and Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015 (Algorithm 1, the
+    efficient ordering)
   """
   utils.check_real("b1", b1, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
   utils.check_real("b2", b2, lambda v: 0.0 <= v < 1.0, "in [0, 1)")

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import optax
 
 from apollo_optax._src import adam
@@ -77,25 +78,26 @@ def apollo(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 256,
     *,
-    scale_type: str = "channel",
-    scale: float = 1.0,
+    scale_type: sba.ScaleType = "channel",
+    scale: ArrayLike = 1.0,
     scale_front: bool = False,
-    norm_growth_limit: Optional[float] = 1.01,
+    norm_growth_limit: Optional[ArrayLike] = 1.01,
     update_proj_gap: int = 200,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-6,
+    weight_decay: ArrayLike = 0.0,
     weight_decay_mask: Optional[MaskOrFn] = None,
     adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    adam_weight_decay: Optional[float] = None,
+    adam_weight_decay: Optional[ArrayLike] = None,
     lowrank_mask: Optional[MaskOrFn] = None,
-    projection: Union[str, proj.ProjectionFn] = "gaussian",
-    seed: int = 0,
+    projection: Union[sba.ProjectionName, proj.ProjectionFn] = "gaussian",
+    key: Optional[Union[jax.Array, int]] = None,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     mu_dtype: Optional[Any] = None,
     projection_dtype: Optional[Any] = None,
-) -> optax.GradientTransformation:
+    seed: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""APOLLO: SGD-like memory, AdamW-level performance (Zhu et al., 2025).
 
   Matrix leaves (``lowrank_mask``) get APOLLO, all others AdamW:
@@ -161,18 +163,32 @@ def apollo(
       are None stay on Adam too.
     projection: "gaussian", "rademacher", "svd" or a callable, see
       :func:`scale_by_apollo`. ``"rademacher"`` with
-      ``projection_dtype=jnp.bfloat16`` is the fast path (issue 12).
-    seed: seed of the random projections.
+      ``projection_dtype=jnp.bfloat16`` is the fast path.
+    key: PRNG key of the random projections (``jax.random.key``), or an int
+      seed standing for ``jax.random.key(seed)``; None: ``0``.
     weight_dimension_numbers: which axes form the matrix; None: the last two.
     mu_dtype: dtype of all moments; None: the parameter dtype, at least
       float32.
     projection_dtype: input dtype of the projection's product (e.g.
       ``jnp.bfloat16``, accumulated in float32; at rank 1 only P is rounded);
       None: the compute dtype.
+    seed: deprecated, use ``key``.
 
   Returns:
-    A ``GradientTransformation``.
+    A ``GradientTransformationExtraArgs``.
+
+  References:
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, MLSys 2025
+
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024 (the
+    norm-growth limiter)
+
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, ICLR 2019 (AdamW)
   """
+  key = utils.deprecated_argument("apollo", "seed", seed, "key", key)
   dn.check_dimension_numbers(weight_dimension_numbers, "weight_dimension_numbers")
   if not isinstance(scale_front, bool):
     raise TypeError(f"`scale_front` must be a bool, got {scale_front!r}.")
@@ -238,7 +254,7 @@ def apollo(
       b2=b2,
       eps=eps,
       projection=projection,
-      seed=seed,
+      key=0 if key is None else key,
       weight_dimension_numbers=dims_fn,
       mu_dtype=mu_dtype,
       projection_dtype=projection_dtype,
@@ -282,24 +298,25 @@ def apollo(
 def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    scale: float = 128.0,
+    scale: ArrayLike = 128.0,
     scale_front: bool = True,
-    norm_growth_limit: Optional[float] = 1.01,
+    norm_growth_limit: Optional[ArrayLike] = 1.01,
     update_proj_gap: int = 200,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-6,
+    weight_decay: ArrayLike = 0.0,
     weight_decay_mask: Optional[MaskOrFn] = None,
     adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    adam_weight_decay: Optional[float] = None,
+    adam_weight_decay: Optional[ArrayLike] = None,
     lowrank_mask: Optional[MaskOrFn] = None,
-    projection: Union[str, proj.ProjectionFn] = "gaussian",
-    seed: int = 0,
+    projection: Union[sba.ProjectionName, proj.ProjectionFn] = "gaussian",
+    key: Optional[Union[jax.Array, int]] = None,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     mu_dtype: Optional[Any] = None,
     projection_dtype: Optional[Any] = None,
-) -> optax.GradientTransformation:
+    seed: Optional[int] = None,
+) -> optax.GradientTransformationExtraArgs:
   """APOLLO-Mini: rank 1, one scaling factor per matrix, √128 step.
 
   :func:`apollo` with ``rank=1`` and ``scale_type="tensor"``; its optimizer
@@ -318,8 +335,13 @@ def apollo_mini(
   Args: as :func:`apollo`.
 
   Returns:
-    A ``GradientTransformation``.
+    A ``GradientTransformationExtraArgs``.
+
+  References:
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, MLSys 2025
   """
+  key = utils.deprecated_argument("apollo_mini", "seed", seed, "key", key)
   return apollo(
       learning_rate,
       1,
@@ -337,7 +359,7 @@ def apollo_mini(
       adam_weight_decay=adam_weight_decay,
       lowrank_mask=lowrank_mask,
       projection=projection,
-      seed=seed,
+      key=key,
       weight_dimension_numbers=weight_dimension_numbers,
       mu_dtype=mu_dtype,
       projection_dtype=projection_dtype,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import optax
 
 from apollo_optax._src import dimension_numbers as dn
@@ -29,12 +30,14 @@ class NormGrowthLimiterState(NamedTuple):
 
 
 def growth_limit(
-    norm: jax.Array, previous: jax.Array, gamma: Any
+    norm: jax.Array, previous: jax.Array, norm_growth_limit: ArrayLike
 ) -> tuple[jax.Array, jax.Array]:
   """(factor c, remembered norm c·‖U‖) for update norms ``norm``.
 
-  c = γ / max(‖U‖ / (p + 1e-8), γ) where the previous norm p > 0, else 1.
+  c = γ / max(‖U‖ / (p + 1e-8), γ) where the previous norm p > 0, else 1,
+  with γ = ``norm_growth_limit``.
   """
+  gamma = norm_growth_limit
   ratio = norm / (previous + _NORM_EPS)
   factor = jnp.where(
       previous > 0, gamma / jnp.maximum(ratio, gamma), jnp.ones_like(norm)
@@ -51,9 +54,10 @@ def _per_matrix_layout(leaf: Any, dims: Any) -> tuple[tuple[int, ...], Any]:
 
 
 def norm_growth_limiter(
-    gamma: float = 1.01,
+    norm_growth_limit: ArrayLike = 1.01,
     *,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
+    gamma: Optional[ArrayLike] = None,
 ) -> optax.GradientTransformation:
   r"""Limits how fast the norm of each update may grow (Fira, Chen et al. 2024).
 
@@ -64,7 +68,8 @@ def norm_growth_limiter(
     c = \frac{\gamma}{\max(\|U\| / (p + 10^{-8}), \gamma)}, \quad
     U \leftarrow c\,U, \quad p \leftarrow c\,\|U\|.
 
-  So an update may be at most γ times larger than the previous one. The first
+  So an update may be at most γ = ``norm_growth_limit`` times larger than the
+  previous one. The first
   non-zero update only sets p (while p = 0 nothing is limited; the official
   code would instead shrink every later update towards 0 after an all-zero
   first gradient).
@@ -85,14 +90,27 @@ def norm_growth_limiter(
     1.01
 
   Args:
-    gamma: the largest allowed growth factor of the update norm per step, > 1.
+    norm_growth_limit: γ, the largest allowed growth factor of the update norm
+      per step, > 1 (the argument of the same name of :func:`apollo`).
     weight_dimension_numbers: which axes form a matrix (see
       :class:`ApolloDimensionNumbers`); batch axes get independent limiters.
+    gamma: deprecated, use ``norm_growth_limit`` (given, it replaces it).
 
   Returns:
     A ``GradientTransformation``.
+
+  References:
+    Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_, 2024
   """
-  utils.check_real("gamma", gamma, lambda v: v > 1.0, "> 1 (e.g. 1.01)")
+  if gamma is not None:
+    norm_growth_limit = utils.deprecated_argument(
+        "norm_growth_limiter", "gamma", gamma, "norm_growth_limit", None
+    )
+  utils.check_real(
+      "norm_growth_limit", norm_growth_limit, lambda v: v > 1.0,
+      "> 1 (e.g. 1.01)",
+  )
   dn.check_dimension_numbers(weight_dimension_numbers, "weight_dimension_numbers")
 
   def leaf_info(tree):
@@ -127,7 +145,7 @@ def norm_growth_limiter(
       norm = jnp.sqrt(jnp.sum(jnp.square(u3), axis=(1, 2))).reshape(
           layout.batch_shape
       )
-    factor, new_norm = growth_limit(norm, previous, gamma)
+    factor, new_norm = growth_limit(norm, previous, norm_growth_limit)
     broadcast = (
         factor if layout is None else layout.per_matrix_to_broadcast(factor)
     )

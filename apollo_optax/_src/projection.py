@@ -1,7 +1,7 @@
 """Random projections for APOLLO, regenerated from a PRNG key.
 
 A projection is never stored: each step rebuilds it from a key derived from
-(seed, leaf path, refresh index, matrix index), which costs rank x d random
+(key, leaf path, refresh index, matrix index), which costs rank x d random
 numbers and saves rank x d state per matrix.
 """
 
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
+
+from apollo_optax._src import utils
 
 # projection(key, shape, dtype) -> array of `shape` = (rank, d).
 ProjectionFn = Callable[[jax.Array, tuple[int, int], Any], jax.Array]
@@ -107,6 +109,10 @@ def gaussian_projection(
     >>> p = gaussian_projection(jax.random.key(0), (4, 64))
     >>> p.shape
     (4, 64)
+
+  References:
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, MLSys 2025
   """
   rank = shape[0]
   return _standard_normal(key, shape, dtype) * (1.0 / math.sqrt(rank))
@@ -244,7 +250,7 @@ def leaf_seed(path: str) -> int:
 
 
 def projection_keys(
-    seed: Any,
+    key: Union[jax.Array, int],
     path: str,
     refresh_index: jax.Array,
     num_matrices: int,
@@ -253,12 +259,13 @@ def projection_keys(
   """Keys of the projections of one leaf: one per matrix in its batch.
 
   The key of matrix ``b`` of the leaf at ``path`` for the ``refresh_index``-th
-  projection is ``fold_in(fold_in(fold_in(key(seed), crc32(path)),
-  refresh_index), b)``, for ``b = first_matrix, ..., first_matrix +
-  num_matrices - 1``. A non-zero ``first_matrix`` (possibly traced) gives the
-  keys of a slice of a larger batch, e.g. one layer of a scanned stack.
+  projection is ``fold_in(fold_in(fold_in(key, crc32(path)), refresh_index),
+  b)``, for ``b = first_matrix, ..., first_matrix + num_matrices - 1``; an int
+  ``key`` stands for ``jax.random.key(key)``. A non-zero ``first_matrix``
+  (possibly traced) gives the keys of a slice of a larger batch, e.g. one
+  layer of a scanned stack.
   """
-  key = jax.random.key(seed)
+  key = utils.prng_key(key)
   key = jax.random.fold_in(key, leaf_seed(path))
   key = jax.random.fold_in(key, refresh_index)
   first = jnp.asarray(first_matrix, jnp.uint32)

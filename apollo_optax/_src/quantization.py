@@ -25,11 +25,20 @@ Rounding to nearest gives :math:`|W - \\hat W| \\le s/2`; stochastic rounding
 This is symmetric quantization without a zero point; the official
 ``apollo-torch`` ``QAPOLLOAdamW`` uses asymmetric uint8 with a zero point per
 group (one more number per group).
+
+The public names are in :mod:`apollo_optax.quantization`.
+
+References:
+  Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+  <https://arxiv.org/abs/2412.05270>`_, MLSys 2025 (Q-APOLLO, §5.3)
+
+  Zhang et al., `Q-GaLore: Quantized GaLore with INT4 Projection and
+  Layer-Adaptive Low-Rank Gradients <https://arxiv.org/abs/2407.08296>`_, 2024
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -133,7 +142,7 @@ def quantize(
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from apollo_optax import quantize, dequantize
+    >>> from apollo_optax.quantization import quantize, dequantize
     >>> w = jax.random.normal(jax.random.key(0), (256, 64))
     >>> q = quantize(w, group_size=128)
     >>> q.values.dtype, q.scales.shape
@@ -300,7 +309,7 @@ def _rounding_noise(
 def quantized_weights(
     inner: optax.GradientTransformation,
     *,
-    key: jax.Array,
+    key: Union[jax.Array, int],
     stochastic_round: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` on dequantized weights and re-quantizes the result.
@@ -328,24 +337,31 @@ def quantized_weights(
     >>> import jax, jax.numpy as jnp, optax
     >>> import apollo_optax
     >>> w = jax.random.normal(jax.random.key(0), (128, 32))
-    >>> params = {"w": apollo_optax.quantize(w, group_size=64)}
-    >>> tx = apollo_optax.quantized_weights(optax.sgd(0.1), key=jax.random.key(1))
+    >>> from apollo_optax import quantization
+    >>> params = {"w": quantization.quantize(w, group_size=64)}
+    >>> tx = quantization.quantized_weights(optax.sgd(0.1), key=jax.random.key(1))
     >>> state = tx.init(params)
     >>> updates, state = tx.update({"w": jnp.ones((128, 32))}, state, params)
-    >>> params = apollo_optax.apply_quantized_updates(params, updates)
+    >>> params = quantization.apply_quantized_updates(params, updates)
     >>> params["w"].values.dtype
     dtype('int8')
 
   Args:
     inner: the optimizer of the float weights (e.g. ``apollo_mini``).
-    key: PRNG key of the stochastic rounding.
+    key: PRNG key of the stochastic rounding (``jax.random.key``), or an int
+      seed standing for ``jax.random.key(seed)``.
     stochastic_round: round stochastically (True, as Q-GaLore / Q-APOLLO) or
       to nearest (False: updates smaller than half a step are lost).
 
   Returns:
     A ``GradientTransformationExtraArgs``.
+
+  References:
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, MLSys 2025 (Q-APOLLO, §5.3)
   """
   inner = optax.with_extra_args_support(inner)
+  key = utils.prng_key(key)
 
   def init_fn(params):
     # A fresh buffer: states may be donated, and several states (e.g. one per

@@ -17,10 +17,12 @@ This module owns:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union, get_args
+import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import optax
 
 from apollo_optax._src import dimension_numbers as dn
@@ -29,8 +31,10 @@ from apollo_optax._src import projection as proj
 from apollo_optax._src import sharding as shd
 from apollo_optax._src import utils
 
-SCALE_TYPES = ("channel", "tensor")
-PROJECTIONS = ("gaussian", "rademacher", "svd")
+ScaleType = Literal["channel", "tensor"]
+ProjectionName = Literal["gaussian", "rademacher", "svd"]
+SCALE_TYPES: tuple[str, ...] = get_args(ScaleType)
+PROJECTIONS: tuple[str, ...] = get_args(ProjectionName)
 # Guards the scaling factor against an all-zero projected gradient, as in the
 # official implementation.
 _NORM_EPS = 1e-8
@@ -44,14 +48,27 @@ class ScaleByApolloState(NamedTuple):
     mu: first moments of the projected gradient R, one low-rank array per
       matrix leaf (shape: the leaf's with the projected axes replaced by rank).
     nu: second moments of R, same shapes as ``mu``.
-    projection: stored projections, only for ``projection="svd"`` (the SVD of
-      a past gradient cannot be regenerated); None otherwise.
+    svd_projection: the projections in use, one ``(batch, r, d)`` array per
+      matrix leaf, only for ``projection="svd"`` (the SVD of a past gradient
+      cannot be regenerated); None for random projections, which are
+      regenerated from the key at every step.
   """
 
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
-  projection: Optional[optax.Updates]
+  svd_projection: Optional[optax.Updates]
+
+  @property
+  def projection(self) -> Optional[optax.Updates]:
+    """Deprecated name of :attr:`svd_projection`."""
+    warnings.warn(
+        "ScaleByApolloState.projection is deprecated, use"
+        " ScaleByApolloState.svd_projection.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return self.svd_projection
 
 
 class ApolloSettings(NamedTuple):
@@ -66,20 +83,20 @@ class ApolloSettings(NamedTuple):
     eps: added to √V.
     projection: "gaussian", "rademacher", "svd" or a callable
       ``(key, shape, dtype)``.
-    seed: seed of the projections.
+    key: PRNG key (or int seed) of the projections.
     mu_dtype: dtype of the moments, or None for the leaf's compute dtype.
     projection_dtype: input dtype of the product R = G Pᵀ, or None for the
       leaf's compute dtype.
   """
 
   rank: int
-  scale_type: str
+  scale_type: ScaleType
   update_proj_gap: int
-  b1: Any
-  b2: Any
-  eps: Any
-  projection: Union[str, proj.ProjectionFn]
-  seed: Any
+  b1: ArrayLike
+  b2: ArrayLike
+  eps: ArrayLike
+  projection: Union[ProjectionName, proj.ProjectionFn]
+  key: Union[jax.Array, int]
   mu_dtype: Optional[jnp.dtype]
   projection_dtype: Optional[jnp.dtype] = None
 
@@ -88,13 +105,13 @@ class ApolloSettings(NamedTuple):
       cls,
       rank: int = 256,
       *,
-      scale_type: str = "channel",
+      scale_type: ScaleType = "channel",
       update_proj_gap: int = 200,
-      b1: float = 0.9,
-      b2: float = 0.999,
-      eps: float = 1e-6,
-      projection: Union[str, proj.ProjectionFn] = "gaussian",
-      seed: int = 0,
+      b1: ArrayLike = 0.9,
+      b2: ArrayLike = 0.999,
+      eps: ArrayLike = 1e-6,
+      projection: Union[ProjectionName, proj.ProjectionFn] = "gaussian",
+      key: Union[jax.Array, int] = 0,
       mu_dtype: Optional[Any] = None,
       projection_dtype: Optional[Any] = None,
   ) -> "ApolloSettings":
@@ -109,12 +126,13 @@ class ApolloSettings(NamedTuple):
     utils.check_real("b1", b1, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     utils.check_real("b2", b2, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     utils.check_real("eps", eps, lambda v: v >= 0.0, ">= 0")
+    utils.prng_key(key)
     mu_dtype = utils.canonicalize_dtype(mu_dtype, "mu_dtype")
     projection_dtype = utils.canonicalize_dtype(
         projection_dtype, "projection_dtype"
     )
     return cls(rank, scale_type, update_proj_gap, b1, b2, eps, projection,
-               seed, mu_dtype, projection_dtype)
+               key, mu_dtype, projection_dtype)
 
   @property
   def stores_projection(self) -> bool:
@@ -170,7 +188,7 @@ def apollo_scaling_factor(
     normalized: jax.Array,
     *,
     tall: bool,
-    scale_type: str,
+    scale_type: ScaleType,
 ) -> jax.Array:
   """s = ‖Ñ‖ / (‖R‖ + 1e-8), per channel or per matrix.
 
@@ -204,15 +222,15 @@ class ApolloLeafStep(NamedTuple):
       wider); the update is ``gradient * factor``.
     mu: the new first moments, in the stored layout and dtype.
     nu: the new second moments, likewise.
-    projection: the projection used, (batch, r, d), when it is stored (SVD);
-      None otherwise.
+    svd_projection: the projection used, (batch, r, d), when it is stored
+      (SVD); None otherwise.
   """
 
   gradient: jax.Array
   factor: jax.Array
   mu: jax.Array
   nu: jax.Array
-  projection: Optional[jax.Array]
+  svd_projection: Optional[jax.Array]
 
 
 def apollo_leaf_step(
@@ -254,7 +272,7 @@ def apollo_leaf_step(
     p_scale = None
   else:
     keys = proj.projection_keys(
-        settings.seed, leaf.path, count // settings.update_proj_gap,
+        settings.key, leaf.path, count // settings.update_proj_gap,
         layout.num_matrices, matrix_index_offset,
     )
     p, p_scale = proj.regenerate(
@@ -289,7 +307,7 @@ def apollo_leaf_step(
       factor=factor,
       mu=layout.lowrank_from_canonical(m).astype(mu.dtype),
       nu=layout.lowrank_from_canonical(v).astype(nu.dtype),
-      projection=p if settings.stores_projection else None,
+      svd_projection=p if settings.stores_projection else None,
   )
 
 
@@ -329,7 +347,7 @@ def init_apollo_state(
         for leaf in leaves
     ]), [shd.Derivation((None, None, None))] * len(leaves))
   return ScaleByApolloState(
-      count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, projection=stored
+      count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, svd_projection=stored
   )
 
 
@@ -341,7 +359,7 @@ def _leaf_steps(
     matrix_index_offset: Any,
 ) -> list[ApolloLeafStep]:
   stored = (
-      treedef.flatten_up_to(state.projection)
+      treedef.flatten_up_to(state.svd_projection)
       if settings.stores_projection
       else [None] * len(leaves)
   )
@@ -368,8 +386,8 @@ def _next_apollo_state(
       count=optax.safe_increment(state.count),
       mu=treedef.unflatten([step.mu for step in steps]),
       nu=treedef.unflatten([step.nu for step in steps]),
-      projection=(
-          treedef.unflatten([step.projection for step in steps])
+      svd_projection=(
+          treedef.unflatten([step.svd_projection for step in steps])
           if settings.stores_projection
           else None
       ),
@@ -379,16 +397,17 @@ def _next_apollo_state(
 def scale_by_apollo(
     rank: int = 256,
     *,
-    scale_type: str = "channel",
+    scale_type: ScaleType = "channel",
     update_proj_gap: int = 200,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    projection: Union[str, proj.ProjectionFn] = "gaussian",
-    seed: int = 0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-6,
+    projection: Union[ProjectionName, proj.ProjectionFn] = "gaussian",
+    key: Optional[Union[jax.Array, int]] = None,
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     mu_dtype: Optional[Any] = None,
     projection_dtype: Optional[Any] = None,
+    seed: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales each gradient matrix by APOLLO's low-rank estimate of Adam.
 
@@ -399,7 +418,7 @@ def scale_by_apollo(
      ``"rademacher"`` entries :math:`\pm 1/\sqrt r` with fair signs (the
      same guarantee: independent sub-Gaussian entries, :math:`\mathbb
      E[P^\top P] = I`, Johnson–Lindenstrauss), drawn from a key derived from
-     (``seed``, the leaf's path, the refresh index
+     (``key``, the leaf's path, the refresh index
      :math:`\lfloor (t-1)/\text{gap} \rfloor`); P is regenerated, not stored.
   2. :math:`R = G P^\top` (m × r) if m ≥ n, else :math:`R = P G` (r × n);
      with ``projection_dtype`` G and P enter this product in that dtype
@@ -450,7 +469,8 @@ def scale_by_apollo(
       projection is then stored in the state), or a callable
       ``projection(key, shape, dtype) -> array of shape`` with
       ``shape = (r, d)``.
-    seed: seed of the projections.
+    key: PRNG key of the projections (``jax.random.key``), or an int seed
+      standing for ``jax.random.key(seed)``; None: ``0``.
     weight_dimension_numbers: which axes form the matrix (see
       :class:`ApolloDimensionNumbers`); None: the last two axes of each leaf.
     mu_dtype: dtype of both moments; None: the leaf's dtype, at least float32.
@@ -461,10 +481,20 @@ def scale_by_apollo(
       the compute dtype, the paper's algorithm. With
       ``optax.inject_hyperparams`` list it in ``static_args`` (a dtype is
       callable, it would be taken for a schedule).
+    seed: deprecated, use ``key``.
 
   Returns:
     A ``GradientTransformationExtraArgs``.
+
+  References:
+    Zhu et al., `APOLLO: SGD-like Memory, AdamW-level Performance
+    <https://arxiv.org/abs/2412.05270>`_, MLSys 2025
+
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, 2024 (the ``"svd"``
+    projection)
   """
+  key = utils.deprecated_argument("scale_by_apollo", "seed", seed, "key", key)
   settings = ApolloSettings.create(
       rank,
       scale_type=scale_type,
@@ -473,7 +503,7 @@ def scale_by_apollo(
       b2=b2,
       eps=eps,
       projection=projection,
-      seed=seed,
+      key=0 if key is None else key,
       mu_dtype=mu_dtype,
       projection_dtype=projection_dtype,
   )
@@ -503,9 +533,9 @@ def scale_by_apollo(
 def apollo_matrix_chain(
     rank: int,
     *,
-    sqrt_scale: Any,
+    sqrt_scale: ArrayLike,
     scale_front: bool,
-    norm_growth_limit: Optional[Any],
+    norm_growth_limit: Optional[ArrayLike],
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     **apollo_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -549,9 +579,9 @@ def _is_own_state(path: Any, value: Any) -> bool:
 def fused_apollo_matrix_chain(
     rank: int,
     *,
-    sqrt_scale: Any,
+    sqrt_scale: ArrayLike,
     scale_front: bool,
-    norm_growth_limit: Optional[Any],
+    norm_growth_limit: Optional[ArrayLike],
     weight_dimension_numbers: dn.DimensionNumbersOrFn = None,
     **apollo_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -126,3 +127,42 @@ def canonicalize_dtype(dtype: Any, name: str) -> Optional[jnp.dtype]:
   if not jnp.issubdtype(result, jnp.floating):
     raise ValueError(f"`{name}` must be a floating dtype, got {result}.")
   return result
+
+
+def deprecated_argument(
+    function: str, old: str, old_value: Any, new: str, new_value: Any
+) -> Any:
+  """The value of ``new``, taken from ``old`` with a DeprecationWarning.
+
+  Returns ``new_value`` when ``old_value`` is None; raises if both are given.
+  """
+  if old_value is None:
+    return new_value
+  warnings.warn(
+      f"{function}: `{old}` is deprecated, use `{new}`.",
+      DeprecationWarning,
+      stacklevel=3,
+  )
+  if new_value is not None:
+    raise ValueError(
+        f"{function}: pass `{new}` or the deprecated `{old}`, not both."
+    )
+  return old_value
+
+
+def prng_key(key: Union[jax.Array, int]) -> jax.Array:
+  """A typed PRNG key from a typed key, a raw ``uint32`` key or an int seed."""
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if (isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32
+      and key.shape == (2,)):
+    return jax.random.wrap_key_data(key)
+  if isinstance(key, bool) or not (
+      isinstance(key, numbers.Integral)
+      or (isinstance(key, (jax.Array, np.ndarray, np.generic))
+          and key.shape == () and jnp.issubdtype(key.dtype, jnp.integer))
+  ):
+    raise TypeError(
+        f"`key` must be a PRNG key (jax.random.key) or an int seed, got {key!r}."
+    )
+  return jax.random.key(key)

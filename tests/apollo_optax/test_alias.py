@@ -10,6 +10,7 @@ import pytest
 
 import apollo_optax
 from apollo_optax._src import projection as proj
+from tests.apollo_optax import jax_compat
 from tests.apollo_optax import reference
 
 SHAPES = {
@@ -114,7 +115,7 @@ def _make(config, seed=0, **options):
   gamma = c.pop("gamma", 1.01)
   ref_config = reference.ReferenceConfig(lr=1e-2, gap=GAP, gamma=gamma, **c)
   tx = apollo_optax.apollo(
-      1e-2, c.pop("rank"), update_proj_gap=GAP, norm_growth_limit=gamma, seed=seed,
+      1e-2, c.pop("rank"), update_proj_gap=GAP, norm_growth_limit=gamma, key=seed,
       **c, **options
   )
   return tx, ref_config
@@ -131,7 +132,7 @@ def test_apollo_matches_reference_float32(config):
 
 @pytest.mark.parametrize("config", CONFIGS[::3], ids=_ids)
 def test_apollo_matches_reference_float64(config):
-  with jax.enable_x64(True):
+  with jax_compat.enable_x64(True):
     params, grads = _problem(seed=1)
     tx, ref_config = _make(config, seed=3)
     actual = _run(tx, params, grads, jnp.float64)
@@ -151,7 +152,7 @@ def test_rademacher_matches_reference_float32(config):
 
 @pytest.mark.parametrize("config", CONFIGS[1::4], ids=_ids)
 def test_rademacher_matches_reference_float64(config):
-  with jax.enable_x64(True):
+  with jax_compat.enable_x64(True):
     params, grads = _problem(seed=1)
     tx, ref_config = _make(config, seed=3, projection="rademacher")
     actual = _run(tx, params, grads, jnp.float64)
@@ -264,7 +265,7 @@ ADAM_SPLITS = [
 @pytest.mark.parametrize("split", ADAM_SPLITS, ids=["lr", "lr-decay", "decay-0", "schedule"])
 def test_adam_leaves_move_by_their_own_rate_and_decay(split, mini):
   split = dict(split)
-  with jax.enable_x64(True):
+  with jax_compat.enable_x64(True):
     params, grads = _problem(seed=2)
     if mini:
       tx = apollo_optax.apollo_mini(1e-2, update_proj_gap=GAP, **split)
@@ -353,3 +354,36 @@ def test_negative_learning_rates_are_refused_with_their_name(kwargs, match, make
 def test_adam_learning_rate_must_be_a_number_or_schedule():
   with pytest.raises(TypeError, match="`adam_learning_rate` must be a number"):
     apollo_optax.apollo(1e-2, adam_learning_rate="fast")
+
+
+def _three_updates(tx):
+  params, grads = _problem(seed=4)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  state = tx.init(params)
+  for g in grads[:3]:
+    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
+    updates, state = tx.update(g, state, params)
+  return updates
+
+
+@pytest.mark.parametrize("make", [
+    functools.partial(apollo_optax.apollo, rank=2),
+    apollo_optax.apollo_mini,
+])
+def test_key_is_an_int_or_a_prng_key_and_seed_is_deprecated(make):
+  by_int = _three_updates(make(1e-2, key=3, update_proj_gap=2))
+  by_key = _three_updates(make(1e-2, key=jax.random.key(3), update_proj_gap=2))
+  by_raw_key = _three_updates(
+      make(1e-2, key=jax.random.PRNGKey(3), update_proj_gap=2))
+  with pytest.warns(DeprecationWarning, match="`seed` is deprecated, use `key`"):
+    tx = make(1e-2, seed=3, update_proj_gap=2)
+  by_seed = _three_updates(tx)
+  other = _three_updates(make(1e-2, key=4, update_proj_gap=2))
+  for updates in (by_key, by_raw_key, by_seed):
+    jax.tree.map(np.testing.assert_array_equal, updates, by_int)
+  assert not np.array_equal(other["tall"], by_int["tall"])
+  with pytest.warns(DeprecationWarning), pytest.raises(
+      ValueError, match="pass `key` or the deprecated `seed`"):
+    make(1e-2, key=3, seed=3)
+  with pytest.raises(TypeError, match="`key` must be a PRNG key"):
+    make(1e-2, key="3")

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import apollo_optax
+from tests.apollo_optax import jax_compat
 
 OPTIMIZERS = {
     "apollo": functools.partial(apollo_optax.apollo, rank=4, update_proj_gap=3),
@@ -234,7 +235,7 @@ def test_flax_nnx_state_and_optimizer():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_dtypes_are_preserved(name, dtype):
-  with jax.enable_x64(dtype == jnp.float64):
+  with jax_compat.enable_x64(dtype == jnp.float64):
     tx = OPTIMIZERS[name](1e-2)
     params = _params(dtype)
     state = tx.init(params)

@@ -57,5 +57,19 @@ def test_with_another_optimizer():
 
 
 def test_gamma_must_exceed_one():
-  with pytest.raises(ValueError, match="`gamma` must be > 1"):
+  with pytest.raises(ValueError, match="`norm_growth_limit` must be > 1"):
     apollo_optax.norm_growth_limiter(0.99)
+
+
+def test_gamma_is_a_deprecated_name_of_norm_growth_limit():
+  with pytest.warns(DeprecationWarning, match="`gamma` is deprecated, use `norm_growth_limit`"):
+    old = apollo_optax.norm_growth_limiter(gamma=1.5)
+  new = apollo_optax.norm_growth_limiter(norm_growth_limit=1.5)
+  for tx in (old, new):
+    state = tx.init({"v": jnp.zeros(4)})
+    _, state = tx.update({"v": jnp.ones(4)}, state)
+    u, _ = tx.update({"v": 10 * jnp.ones(4)}, state)
+    np.testing.assert_allclose(_norm(u["v"]), 2.0 * 1.5, rtol=1e-6)
+  with pytest.warns(DeprecationWarning), pytest.raises(
+      ValueError, match="`norm_growth_limit` must be > 1"):
+    apollo_optax.norm_growth_limiter(gamma=0.99)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from apollo_optax._src import projection as proj
+from tests.apollo_optax import jax_compat
 
 pytestmark = pytest.mark.xdist_group("apollo_optax_projection")
 
@@ -105,7 +106,7 @@ def test_rademacher_signs_unpack_the_words_of_jax_random_bits(shape, seed):
 @pytest.mark.parametrize("rank", [1, 3, 128])
 def test_rademacher_entries_are_exactly_plus_minus_one_over_sqrt_rank(
     dtype, rank):
-  with jax.enable_x64(dtype == jnp.float64):
+  with jax_compat.enable_x64(dtype == jnp.float64):
     _check_rademacher_entries(dtype, rank)
 
 

@@ -31,7 +31,7 @@ def test_state_is_two_rank_max_numbers_per_matrix(batch, m, n, rank, scale_type)
   state = jax.eval_shape(tx.init, params)
   r = min(rank, m, n)
   assert state.mu["w"].size == state.nu["w"].size == batch * r * max(m, n)
-  assert state.projection is None
+  assert state.svd_projection is None
   g = {"w": jnp.asarray(np.random.default_rng(m * n).normal(size=(batch, m, n)), jnp.float32)}
   updates, new_state = tx.update(g, tx.init(params))
   assert updates["w"].shape == (batch, m, n)
@@ -128,7 +128,7 @@ def test_svd_projection_matches_float64_reference():
     # Singular vectors are defined up to sign; the scaling factors are not
     # affected by it.
     np.testing.assert_allclose(u["w"], expected, rtol=1e-4, atol=1e-8)
-  stored = optax.tree.get(state, "ScaleByApolloState").projection["w"]
+  stored = optax.tree.get(state, "ScaleByApolloState").svd_projection["w"]
   assert stored.shape == (1, 2, 6)
 
 
@@ -140,7 +140,7 @@ def test_fused_path_equals_the_composed_chain(scale_front, scale_type, norm_grow
   kwargs = dict(
       sqrt_scale=3.0, scale_front=scale_front, norm_growth_limit=norm_growth_limit,
       scale_type=scale_type, update_proj_gap=4, b1=0.9, b2=0.999, eps=1e-6,
-      projection="gaussian", seed=5, weight_dimension_numbers=dims, mu_dtype=None,
+      projection="gaussian", key=5, weight_dimension_numbers=dims, mu_dtype=None,
   )
   composed = sba.apollo_matrix_chain(3, **kwargs)
   fused = sba.fused_apollo_matrix_chain(3, **kwargs)
@@ -176,7 +176,7 @@ BAD_ARGUMENTS = [
     (dict(b1=1.0), ValueError, r"`b1` must be in \[0, 1\)"),
     (dict(b2=-0.1), ValueError, r"`b2` must be in \[0, 1\)"),
     (dict(eps=-1e-8), ValueError, "`eps` must be >= 0"),
-    (dict(norm_growth_limit=1.0), ValueError, "`gamma` must be > 1"),
+    (dict(norm_growth_limit=1.0), ValueError, "`norm_growth_limit` must be > 1"),
     (dict(scale=0.0), ValueError, "`scale` must be > 0"),
     (dict(scale_front="yes"), TypeError, "`scale_front` must be a bool"),
     (dict(weight_decay=-1.0), ValueError, "`weight_decay` must be >= 0"),
@@ -279,3 +279,23 @@ def test_rademacher_state_and_refresh_keys_match_gaussian_layout():
                                                 states["rademacher"])
   assert not np.allclose(states["gaussian"].mu["w"],
                          states["rademacher"].mu["w"])
+
+
+def test_seed_is_deprecated_for_key():
+  g = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)), jnp.float32)}
+  new = apollo_optax.scale_by_apollo(2, key=jax.random.key(7))
+  with pytest.warns(DeprecationWarning, match="`seed` is deprecated, use `key`"):
+    old = apollo_optax.scale_by_apollo(2, seed=7)
+  u_new, _ = new.update(g, new.init(g))
+  u_old, _ = old.update(g, old.init(g))
+  np.testing.assert_array_equal(u_old["w"], u_new["w"])
+
+
+def test_state_projection_is_a_deprecated_name_of_svd_projection():
+  tx = apollo_optax.scale_by_apollo(2, projection="svd")
+  g = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)), jnp.float32)}
+  _, state = tx.update(g, tx.init(g))
+  with pytest.warns(DeprecationWarning, match="svd_projection"):
+    old = state.projection
+  assert old is state.svd_projection
+  assert state.svd_projection["w"].shape == (1, 2, 6)
