@@ -244,11 +244,12 @@ def run_name(method: str, lr: float, seed: int) -> str:
   return f"{method}_lr{lr:g}_s{seed}"
 
 
-def sweep_plan() -> list[tuple[str, float, int]]:
+def sweep_plan(positions: Sequence[int] = (1, 0, 2),
+               ) -> list[tuple[str, float, int]]:
   """(method, lr, seed): the middle lr of every method first, then the low
   and high ones, so a partial run covers every method."""
   plan = []
-  for position in (1, 0, 2):
+  for position in positions:
     for method, m in METHODS.items():
       plan.append((method, m.learning_rates[position], 0))
   return plan
@@ -272,13 +273,8 @@ def finetune_run(args, work: pathlib.Path, method: str, lr: float,
 
   m = METHODS[method]
   out = work / "runs" / run_name(method, lr, seed)
-  config = finetune_lib.FinetuneConfig(
-      checkpoint=args.checkpoint, data=(str(work / "train.jsonl"),),
-      eval_data=(str(work / "eval.jsonl"),), optimizer=m.optimizer, lr=lr,
-      steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-      warmup_steps=args.warmup_steps, seed=seed, eval_every=0,
-      eval_batches=0, no_progress=True, out=str(out),
-      save_hf=str(out / "hf"), **m.config_options())
+  config = _run_config(args, work, method, lr, seed, out=str(out),
+                       save_hf=str(out / "hf"))
   t0 = time.perf_counter()
   result = finetune_lib.finetune(config)
   train_s = time.perf_counter() - t0
@@ -322,7 +318,7 @@ def run_all(args, work: pathlib.Path, tasks) -> None:
     base_path.write_text(json.dumps(base, indent=1))
   for phase in ("sweep", "seeds"):
     if phase == "sweep":
-      plan = sweep_plan()
+      plan = sweep_plan(args.lr_positions)
     else:
       results = load_results(args.runs_dir)
       plan = [(method, lr, 1) for method in METHODS
@@ -339,60 +335,101 @@ def run_all(args, work: pathlib.Path, tasks) -> None:
             f"loss {entry['completion_loss']:.3f}", flush=True)
 
 
-def speed(args, work: pathlib.Path) -> dict[str, Any]:
-  """Training tokens/s of every method at its default lr, interleaved.
-
-  Each round runs ``--speed-steps`` steps of every method (a short
-  ``apollo_lm.finetune`` run; its tokens/s leave out the first, compiling
-  step), the order rotating; the best round of each method counts.
-  """
+def _run_config(args, work: pathlib.Path, method: str, lr: float, seed: int,
+                **changes: Any):
+  """The ``FinetuneConfig`` of one run of ``method``: the same data, steps,
+  batch and schedule for every method."""
   from apollo_lm import finetune as finetune_lib  # pylint: disable=g-import-not-at-top
 
-  per_round: dict[str, list[float]] = {m: [] for m in args.methods}
-  for r in range(args.speed_rounds):
-    order = args.methods[r % len(args.methods):] + \
-        args.methods[:r % len(args.methods)]
-    for method in order:
-      m = METHODS[method]
-      out = work / "speed" / method
-      shutil.rmtree(out, ignore_errors=True)
-      result = finetune_lib.finetune(finetune_lib.FinetuneConfig(
-          checkpoint=args.checkpoint, data=(str(work / "train.jsonl"),),
-          eval_data=(str(work / "eval.jsonl"),), optimizer=m.optimizer,
-          lr=m.learning_rates[1], steps=args.speed_steps,
-          batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=1,
-          seed=0, eval_every=0, eval_batches=0, no_progress=True,
-          out=str(out), **m.config_options()))
-      per_round[method].append(result.tokens_per_s)
-      shutil.rmtree(out, ignore_errors=True)
-      print("speed", r, method, f"{result.tokens_per_s:.0f} tok/s", flush=True)
-  best = {m: max(v) for m, v in per_round.items()}
-  return {"rounds": per_round, "best_tokens_per_s": best,
-          "vs_adamw": {m: v / best["adamw"] for m, v in best.items()}
-          if "adamw" in best else {}}
+  m = METHODS[method]
+  options = dict(
+      checkpoint=args.checkpoint, data=(str(work / "train.jsonl"),),
+      eval_data=(str(work / "eval.jsonl"),), optimizer=m.optimizer, lr=lr,
+      steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+      warmup_steps=args.warmup_steps, seed=seed, eval_every=0,
+      eval_batches=0, no_progress=True) | m.config_options() | changes
+  return finetune_lib.FinetuneConfig(**options)
 
 
-# Compiled-memory variants of benchmarks.finetune_memory per method.
+def speed(args, work: pathlib.Path) -> dict[str, Any]:
+  """Training-step time of every method, interleaved in one process.
+
+  Each method's step is built as ``apollo_lm.finetune`` builds it (its
+  model, optimizer and data hooks), compiled and warmed up; then rounds of
+  ``--speed-steps`` steps per method on the same batch, the order rotating
+  (:func:`benchmarks.common.interleaved_medians`); the best per-round median
+  counts.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from apollo_lm import finetune as finetune_lib  # pylint: disable=g-import-not-at-top
+  from apollo_lm import geometry as geometry_lib  # pylint: disable=g-import-not-at-top
+  from apollo_lm import steps  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+
+  runners = {}
+  for method in args.methods:
+    config = _run_config(args, work, method,
+                         METHODS[method].learning_rates[1], 0)
+    llama = finetune_lib.checkpoint_config(config)
+    geometry = geometry_lib.make_geometry(config)
+    with jax.set_mesh(geometry.mesh):
+      data = finetune_lib.load_data(config, geometry)
+      graphdef, params = finetune_lib.load_model(config, llama, geometry)
+      tx, _, _ = finetune_lib.make_optimizer(config, llama)
+      step = jax.jit(steps.make_train_step(
+          graphdef, tx, grad_accum=geometry.grad_accum,
+          trainable=config.trainable), donate_argnums=(0, 1))
+      state = [params, jax.jit(tx.init)(params)]
+      batch = geometry_lib.global_batch(data.train.batch(0), geometry)
+
+    def run(round_index, step=step, state=state, batch=batch,
+            mesh=geometry.mesh):
+      del round_index
+
+      def call():
+        with jax.set_mesh(mesh):
+          state[0], state[1], metrics = step(state[0], state[1], batch)
+        return metrics["loss"]
+
+      return common.time_calls(call, args.speed_steps)
+
+    run(-1)  # Compiles and warms up.
+    runners[method] = run
+    print("speed: built", method, flush=True)
+  timings = common.interleaved_medians(runners, args.speed_rounds)
+  tokens = args.batch_size * args.seq_len
+  best = {m: tokens / t["best_median_s"] for m, t in timings.items()}
+  return {"timings": timings, "best_tokens_per_s": best,
+          "steps_per_round": args.speed_steps, "rounds": args.speed_rounds,
+          "vs_adamw": ({m: v / best["adamw"] for m, v in best.items()}
+                       if "adamw" in best else {})}
+
+
+# Compiled-memory variants of benchmarks.finetune_memory per method, measured
+# in the runs' precision (float32 weights, moments and compute).
 MEMORY_VARIANTS = {"adamw": "adamw_f32", "apollo": "apollo",
                    "apollo_mini": "apollo_mini", "galore": "galore",
                    "lora": "lora_bf16"}
 
 
 def memory(args) -> dict[str, Any]:
-  """Compiled step memory of every method at this checkpoint's shape."""
+  """Compiled step memory of every method at this checkpoint's shape, batch
+  and sequence length, float32 as the runs (XLA:CPU)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from apollo_lm import hf  # pylint: disable=g-import-not-at-top
   from benchmarks import finetune_memory  # pylint: disable=g-import-not-at-top
 
   config = hf.config_from_hf(json.loads(
       pathlib.Path(args.checkpoint, "config.json").read_text()),
-                             max_seq_len=args.seq_len)
+                             max_seq_len=args.seq_len, dtype=jnp.float32)
   out = {}
   for method in args.methods:
-    variant = MEMORY_VARIANTS[method]
-    if variant not in finetune_memory.VARIANTS:
-      continue
-    out[method] = {"variant": variant, **finetune_memory.measure(
-        config, finetune_memory.VARIANTS[variant], batch=args.batch_size)}
+    variant = dataclasses.replace(
+        finetune_memory.VARIANTS[MEMORY_VARIANTS[method]],
+        param_dtype=jnp.float32)
+    out[method] = {"variant": MEMORY_VARIANTS[method], **finetune_memory.measure(
+        config, variant, batch=args.batch_size)}
+    print("memory", method, out[method]["total_bytes"], flush=True)
   return out
 
 
@@ -460,18 +497,24 @@ def write_report(args, work: pathlib.Path) -> None:
                   ["method", "best lr", "seeds"] +
                   [f"{t} exact %" for t in TASKS], brows)]
   if speed_data:
-    parts += ["### Training speed (tokens/s, best of "
-              f"{len(next(iter(speed_data['rounds'].values())))} interleaved "
-              "rounds)", common.markdown_table(
+    parts += ["### Training speed (tokens/s: best per-round median of "
+              f"{speed_data['steps_per_round']} steps, {speed_data['rounds']}"
+              " interleaved rounds, one process)", common.markdown_table(
                   ["method", "tokens/s", "x AdamW"],
                   [[m, f"{v:.0f}", f"{speed_data['vs_adamw'].get(m, 0):.2f}"]
                    for m, v in speed_data["best_tokens_per_s"].items()])]
   if memory_data:
-    parts += ["### Compiled step memory at this model's shape (XLA:CPU)",
+    parts += [f"### Compiled training step at this model's shape (XLA:CPU,"
+              f" batch {args.batch_size} x {args.seq_len}, float32 as the"
+              " runs; GB = 1e9 bytes)",
               common.markdown_table(
-                  ["method", "variant", "total", "optimizer state"],
-                  [[m, v["variant"], common.gb(v["total_bytes"]),
-                    common.gb(v["opt_state_bytes"])]
+                  ["method", "weights", "optimizer state", "temporaries",
+                   "total", "x AdamW"],
+                  [[m, common.gb(v["params_bytes"]),
+                    common.gb(v["opt_state_bytes"]),
+                    common.gb(v["temp_bytes"]), common.gb(v["total_bytes"]),
+                    f"{v['total_bytes'] / memory_data['adamw']['total_bytes']:.2f}"
+                    if "adamw" in memory_data else "-"]
                    for m, v in memory_data.items()])]
   payload = {"setup": {k: v for k, v in vars(args).items()
                        if k not in ("out_dir", "runs_dir")},
@@ -503,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--methods", nargs="+", default=list(METHODS),
                       choices=list(METHODS))
   parser.add_argument("--shard", default="0/1", help="i/n: every n-th run")
+  parser.add_argument("--lr-positions", type=int, nargs="+", default=[1, 0, 2],
+                      choices=[0, 1, 2], help="which points of each sweep, "
+                      "in order (0: lowest lr)")
   parser.add_argument("--runs", action="store_true", default=None,
                       help="fine-tuning runs (default when nothing else is "
                       "asked)")
