@@ -1,4 +1,4 @@
-"""The README quickstart and every docstring example run as written."""
+"""The README, the docs' guide pages and every docstring example run as written."""
 
 import doctest
 import importlib
@@ -26,6 +26,70 @@ def test_readme_python_blocks_run():
   for i, block in enumerate(blocks):
     exec(compile(block, f"README.md (python block {i + 1})", "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["state"] is not None  # the quickstart's optimizer state
+
+
+DOCS = ROOT / "docs"
+GUIDES = sorted(DOCS.glob("*.md"))
+# A ```python block preceded by this comment is shown, not run (it needs files
+# or takes minutes); keep them few: MAX_SKIPPED in all.
+SKIP_MARKER = "<!-- skip-test"
+MAX_SKIPPED = 4
+_BLOCK = re.compile(r"(<!-- skip-test[^\n]*-->\n)?```python\n(.*?)```", re.S)
+
+
+def _python_blocks(text):
+  """(skipped, code) of every ```python block of a Markdown text."""
+  return [(bool(skip), code) for skip, code in _BLOCK.findall(text)]
+
+
+def test_docs_skip_markers_are_few():
+  skipped = [(page.name, i + 1) for page in GUIDES
+             for i, (skip, _) in enumerate(_python_blocks(page.read_text()))
+             if skip]
+  markers = sum(page.read_text().count(SKIP_MARKER) for page in GUIDES)
+  assert markers == len(skipped), "a skip-test marker that is not right before a ```python block"
+  assert len(skipped) <= MAX_SKIPPED, f"too many skipped docs blocks: {skipped}"
+
+
+@pytest.mark.parametrize("page", GUIDES, ids=lambda p: p.name)
+def test_docs_python_blocks_run(page, tmp_path, monkeypatch):
+  """Every ```python block of a docs page, in order, in one namespace."""
+  monkeypatch.chdir(tmp_path)  # blocks that write files write them here
+  namespace = {}
+  for i, (skip, block) in enumerate(_python_blocks(page.read_text())):
+    if not skip:
+      exec(compile(block, f"docs/{page.name} (python block {i + 1})", "exec"), namespace)  # pylint: disable=exec-used
+
+
+def _documented(pages, module):
+  """Names of ``module`` in autodoc directives of ``pages``."""
+  names = set()
+  for page in pages:
+    current = None
+    for line in page.read_text().splitlines():
+      if m := re.match(r"\.\. currentmodule:: (\S+)", line.strip()):
+        current = m.group(1)
+      m = re.match(r"\.\. auto(?:function|class|data|exception|module):: (\S+)",
+                   line.strip())
+      if m:
+        name = m.group(1)
+        full = name if "." in name or current is None else f"{current}.{name}"
+        prefix = module + "."
+        if full.startswith(prefix) and "." not in full[len(prefix):]:
+          names.add(full[len(prefix):])
+  return names
+
+
+@pytest.mark.parametrize("module", ["apollo_optax", "apollo_optax.quantization"])
+def test_every_public_name_has_an_api_entry(module):
+  """Each name of ``__all__`` is in an autodoc directive of docs/api.md.
+
+  A submodule counts through its ``automodule`` directive.
+  """
+  public = set(importlib.import_module(module).__all__)
+  documented = _documented([DOCS / "api.md"], module)
+  missing = sorted(public - documented)
+  assert not missing, f"public names without an autodoc entry in docs/api.md: {missing}"
 
 
 # apollo_optax modules without docstring examples (checked: they have none).
