@@ -44,6 +44,8 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 add_module_names = False
+# One parameter per line once a signature is longer than this.
+python_maximum_signature_line_length = 88
 
 # Nitpicky: every cross-reference must resolve, except the types of other
 # libraries (no intersphinx: the build works offline).
@@ -73,6 +75,11 @@ nitpick_ignore = [
     ("py:func", "apollo_lm.optimizers.train_only"),
     ("py:func", "apollo_lm.layerwise.quantize_llama_params"),
 ]
+
+# MathJax from its CDN; DOCS_MATHJAX=<url> uses another copy (e.g. Debian's
+# libjs-mathjax, to read the pages offline).
+if os.environ.get("DOCS_MATHJAX"):
+  mathjax_path = os.environ["DOCS_MATHJAX"]
 
 html_theme = "furo"
 html_title = f"apollo_optax {release}"
