@@ -56,7 +56,7 @@ nitpick_ignore_regex = [
     # Type aliases of the signatures (their Args sections list the values).
     (r"py:class", r"(sba\.ScaleType|sba\.ProjectionName|MaskOrFn|"
      r"proj\.ProjectionFn|dn\.DimensionNumbersOrFn|apollo_lm\.sharding\.M|"
-     r"jaxlib\..*|tuple\[str)"),
+     r"jaxlib\..*)"),
     (r"py:class", r"(Any|Callable|Sequence|Mapping|Iterator|Iterable|"
      r"Optional|Union|Literal|NamedTuple|PathLike|ArrayLike|Array|PyTree|"
      r"Params|Updates|OptState|ScalarOrSchedule|int|float|str|bool|None|"
@@ -70,16 +70,21 @@ nitpick_ignore = [
     ("py:func", "load_data"),
     ("py:func", "build_model"),
     ("py:func", "mesh_is_set"),
+    ("py:class", "LayerSpec"),
     ("py:mod", "apollo_lm.optimizers"),
     ("py:func", "apollo_lm.steps.make_train_step"),
     ("py:func", "apollo_lm.optimizers.train_only"),
     ("py:func", "apollo_lm.layerwise.quantize_llama_params"),
 ]
 
-# MathJax from its CDN; DOCS_MATHJAX=<url> uses another copy (e.g. Debian's
-# libjs-mathjax, to read the pages offline).
+# MathJax 4 from its CDN; DOCS_MATHJAX=<url of a MathJax 2 MathJax.js> uses a
+# local copy to read the pages offline, e.g. Debian's libjs-mathjax:
+# file:///usr/share/javascript/mathjax/MathJax.js?config=TeX-AMS_CHTML
 if os.environ.get("DOCS_MATHJAX"):
   mathjax_path = os.environ["DOCS_MATHJAX"]
+  # MyST marks the page body as ignored and math elements as processed.
+  mathjax2_config = {"tex2jax": {"processClass": "math|mathjax_process",
+                                 "ignoreClass": "tex2jax_ignore|mathjax_ignore"}}
 
 html_theme = "furo"
 html_title = f"apollo_optax {release}"
@@ -126,5 +131,21 @@ def _local_links(app, docname, source):
   source[0] = _BENCHMARKS_README.sub("](benchmarks.md#method)", text)
 
 
+_CLASS_REPR = re.compile(r"<class '([\w.]+)'>")
+
+
+def _readable_defaults(app, what, name, obj, options, signature, annotation):
+  """Defaults such as ``<class 'jax.numpy.bfloat16'>`` as ``jax.numpy.bfloat16``.
+
+  Generated signatures (dataclass fields) show a default's repr; a repr that
+  is not Python makes Sphinx give up parsing the whole signature.
+  """
+  del app, what, name, obj, options
+  if signature:
+    return _CLASS_REPR.sub(r"\1", signature), annotation
+  return None
+
+
 def setup(app):
   app.connect("source-read", _local_links)
+  app.connect("autodoc-process-signature", _readable_defaults)
