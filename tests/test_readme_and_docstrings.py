@@ -34,12 +34,19 @@ GUIDES = sorted(DOCS.glob("*.md"))
 # or takes minutes); keep them few: MAX_SKIPPED in all.
 SKIP_MARKER = "<!-- skip-test"
 MAX_SKIPPED = 4
-_BLOCK = re.compile(r"(<!-- skip-test[^\n]*-->\n)?```python\n(.*?)```", re.S)
+# A block may be followed by "prints" and a ```text block: its exact output.
+_BLOCK = re.compile(r"(<!-- skip-test[^\n]*-->\n)?```python\n(.*?)```"
+                    r"(?:\n+prints\n+```text\n(.*?)```)?", re.S)
 
 
-def _python_blocks(text):
-  """(skipped, code) of every ```python block of a Markdown text."""
-  return [(bool(skip), code) for skip, code in _BLOCK.findall(text)]
+def _python_blocks(text, with_output=False):
+  """(skipped, code[, printed]) of every ```python block of a Markdown text."""
+  blocks = [(bool(skip), code, printed) for skip, code, printed in _BLOCK.findall(text)]
+  return blocks if with_output else [b[:2] for b in blocks]
+
+
+def _lines(text):
+  return [line.rstrip() for line in text.strip().splitlines()]
 
 
 def test_docs_skip_markers_are_few():
@@ -52,13 +59,22 @@ def test_docs_skip_markers_are_few():
 
 
 @pytest.mark.parametrize("page", GUIDES, ids=lambda p: p.name)
-def test_docs_python_blocks_run(page, tmp_path, monkeypatch):
-  """Every ```python block of a docs page, in order, in one namespace."""
+def test_docs_python_blocks_run(page, tmp_path, monkeypatch, capsys):
+  """Every ```python block of a docs page, in order, in one namespace.
+
+  A block followed by "prints" must print that text.
+  """
   monkeypatch.chdir(tmp_path)  # blocks that write files write them here
   namespace = {}
-  for i, (skip, block) in enumerate(_python_blocks(page.read_text())):
-    if not skip:
-      exec(compile(block, f"docs/{page.name} (python block {i + 1})", "exec"), namespace)  # pylint: disable=exec-used
+  blocks = _python_blocks(page.read_text(), with_output=True)
+  for i, (skip, block, printed) in enumerate(blocks):
+    if skip:
+      continue
+    capsys.readouterr()
+    exec(compile(block, f"docs/{page.name} (python block {i + 1})", "exec"), namespace)  # pylint: disable=exec-used
+    if printed:
+      assert _lines(capsys.readouterr().out) == _lines(printed), (
+          f"docs/{page.name} python block {i + 1} prints something else")
 
 
 def _documented(pages, module):
