@@ -78,15 +78,15 @@ def test_docs_python_blocks_run(page, tmp_path, monkeypatch, capsys):
 
 
 def _documented(pages, module):
-  """Names of ``module`` in autodoc directives of ``pages``."""
+  """Names of ``module`` in autodoc (or ``py:data``) directives of ``pages``."""
   names = set()
   for page in pages:
     current = None
     for line in page.read_text().splitlines():
       if m := re.match(r"\.\. currentmodule:: (\S+)", line.strip()):
         current = m.group(1)
-      m = re.match(r"\.\. auto(?:function|class|data|exception|module):: (\S+)",
-                   line.strip())
+      m = re.match(r"\.\. (?:auto(?:function|class|data|exception|module)|py:data)::"
+                   r" (\S+)", line.strip())
       if m:
         name = m.group(1)
         full = name if "." in name or current is None else f"{current}.{name}"
