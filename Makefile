@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-floor dist demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures smollm2 bench-finetune clean
+.PHONY: setup test test-fast test-floor dist docs demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures smollm2 bench-finetune clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,11 +54,25 @@ dist:
 	.venv-wheel/bin/python -m pip install --quiet dist/*.whl
 	cd /tmp && $(CURDIR)/.venv-wheel/bin/python $(CURDIR)/.ci/check_wheel.py $(CURDIR)/README.md
 
+# The documentation site (docs/, Sphinx + MyST): HTML in docs/_build/html,
+# warnings are errors. Its own venv (never a project or CI dependency).
+DOCS_PY := .venv-docs/bin/python
+
+.venv-docs/.installed: pyproject.toml
+	test -x $(DOCS_PY) || $(PYTHON) -m venv .venv-docs
+	$(DOCS_PY) -m pip install --quiet --upgrade pip
+	$(DOCS_PY) -m pip install --quiet -e ".[lm]" "sphinx>=8" "myst-parser>=4" "furo>=2024.8"
+	touch .venv-docs/.installed
+
+docs: .venv-docs/.installed
+	$(DOCS_PY) -m sphinx -W --keep-going -n -E -b html docs docs/_build/html
+	@echo "open docs/_build/html/index.html"
+
 demo: $(STAMP)
 	$(PY) -m apollo_lm.demo
 
 clean:
-	rm -rf $(VENV) .venv-floor .venv-dist .venv-wheel dist build results .cache
+	rm -rf $(VENV) .venv-floor .venv-dist .venv-wheel .venv-docs dist build results .cache docs/_build docs/results
 
 # CPU benchmark set (< 20 min on 2 cores): results in benchmarks/results/.
 # Timed with `time make bench`; see benchmarks/README.md.

@@ -96,7 +96,7 @@ PARAM_DTYPES: Final[dict[str, Any]] = {"float32": jnp.float32,
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
-  """The options of ``python -m apollo_lm.finetune``: :class:`TrainConfig`
+  """The options of ``python -m apollo_lm.finetune``: :class:`~apollo_lm.run_config.TrainConfig`
   (same mesh, memory, checkpoint, resume and logging options) plus the
   checkpoint, the SFT data and what to freeze. Pre-training-only options
   (``--config``, ``--vocab-size``, ``--c4*``, ``--hf-tokenizer``) are not on

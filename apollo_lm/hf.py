@@ -211,7 +211,7 @@ def _rope(hf: Mapping[str, Any], default_theta: float = 10000.0,
 
 def _layer_types(hf: Mapping[str, Any], arch: str, num_layers: int,
                  ) -> tuple[int | None, tuple[str, ...] | None]:
-  """(sliding_window, layer_types) as :class:`LlamaConfig` wants them.
+  """(sliding_window, layer_types) as :class:`~apollo_lm.configs.LlamaConfig` wants them.
 
   Follows transformers: Qwen2/3 slide only with ``use_sliding_window`` (in
   layers from ``max_window_layers`` on), Gemma 3 every layer but each
@@ -252,7 +252,7 @@ def _layer_types(hf: Mapping[str, Any], arch: str, num_layers: int,
 def config_from_hf(hf: Mapping[str, Any], *, max_seq_len: int | None = None,
                    param_dtype: Any = jnp.float32,
                    dtype: Any = None, **overrides: Any) -> configs.LlamaConfig:
-  """A :class:`LlamaConfig` from a Hugging Face ``config.json`` dict.
+  """A :class:`~apollo_lm.configs.LlamaConfig` from a Hugging Face ``config.json`` dict.
 
   Args:
     hf: The parsed ``config.json`` of a checkpoint of one of
@@ -263,7 +263,7 @@ def config_from_hf(hf: Mapping[str, Any], *, max_seq_len: int | None = None,
       ``max_position_embeddings``.
     param_dtype: Storage dtype of the parameters.
     dtype: Compute dtype; default ``param_dtype``.
-    **overrides: Other :class:`LlamaConfig` fields, e.g. ``remat=True``.
+    **overrides: Other :class:`~apollo_lm.configs.LlamaConfig` fields, e.g. ``remat=True``.
 
   Raises:
     ValueError: naming the unsupported feature (architecture, activation,
@@ -523,7 +523,7 @@ def load_pretrained(
       parameters (as :func:`apollo_lm.sharding.param_shardings` returns),
       instead of ``mesh``.
     revision: Branch, tag or commit of a Hub id (default ``main``).
-    **overrides: Other :class:`LlamaConfig` fields (``remat=True`` ...).
+    **overrides: Other :class:`~apollo_lm.configs.LlamaConfig` fields (``remat=True`` ...).
 
   Returns:
     ``(model, config)``; ``config.name`` is the checkpoint's architecture.

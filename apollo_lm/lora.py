@@ -29,7 +29,7 @@ computed inside the scanned block and no merged ``W + (alpha/r) A B`` exists
 during training.
 
 The frozen base may be int8 (:func:`quantize_base`, QLoRA-like): a
-:class:`LoRALinear` whose kernel holds an :class:`apollo_optax.QuantizedArray`
+:class:`LoRALinear` whose kernel holds an :class:`apollo_optax.quantization.QuantizedArray`
 dequantizes it inside the scanned block, one layer at a time (and again in
 the backward pass, which needs ``W`` for the activations' gradient only).
 
@@ -158,7 +158,7 @@ class LoRALinear(nnx.Module):
   kernel is an ``(L, in, out)`` layer stack, so the kernel keeps its path;
   called inside the model's scan, it sees one layer:
   ``x W + b + scale (x A) B``. The kernel may hold an
-  :class:`apollo_optax.QuantizedArray` (dequantized to the base's
+  :class:`apollo_optax.quantization.QuantizedArray` (dequantized to the base's
   ``param_dtype`` when called).
   """
 

@@ -471,7 +471,11 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 
 class Llama(nnx.Module):
-  """LLaMA causal language model; see the module docstring for the params.
+  """LLaMA causal language model (the architecture: the module docstring).
+
+  Args:
+    config: the shapes and options, e.g. ``get_config("tiny")``.
+    rngs: random streams for the parameter initialisation.
 
   Example::
 

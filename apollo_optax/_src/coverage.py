@@ -30,8 +30,9 @@ from apollo_optax._src import memory
 from apollo_optax._src import scale_by_apollo as sba
 from apollo_optax._src import utils
 
-# Below this fraction of the parameters on low-rank leaves (with matrices
-# left on AdamW), init warns.
+#: Below this fraction of the parameters on low-rank leaves (with matrices
+#: left on AdamW), ``init`` of :func:`apollo_optax.apollo` warns with
+#: :class:`apollo_optax.LowRankCoverageWarning`.
 MIN_LOWRANK_FRACTION = 0.05
 
 # Kinds of leaves: low-rank, or why a leaf fell back to AdamW.

@@ -149,7 +149,7 @@ def rademacher_projection(
 ) -> jax.Array:
   r"""P with i.i.d. entries ±1/√rank, rank = shape[0], each sign fair.
 
-  The entries are :func:`rademacher_signs` times :math:`1/\sqrt r` (rounded
+  The entries are ``rademacher_signs`` times :math:`1/\sqrt r` (rounded
   to ``dtype``), drawn from the same keys as :func:`gaussian_projection`, so
   a stacked leaf gets the projections of its layers one by one and the state
   and sharding are the Gaussian's. The guarantee APOLLO relies on holds as

@@ -327,7 +327,7 @@ def quantized_weights(
   unchanged. Apply with :func:`apply_quantized_updates` (``optax.apply_updates``
   raises on the quantized leaves). ``inner`` sees float parameters and
   gradients throughout, so any optax transformation works, and extra keyword
-  arguments (``matrix_index_offset`` of :func:`scale_by_apollo`) are passed
+  arguments (``matrix_index_offset`` of :func:`apollo_optax.scale_by_apollo`) are passed
   to it; ``matrix_index_offset`` also offsets the per-matrix rounding keys.
 
   Must be the outermost transformation. ``inner``'s ``init`` sees the
