@@ -221,16 +221,24 @@ def report(results: dict[str, Any]) -> str:
       f" {results['target']['name']} (nothing allocated). total = argument +"
       " output - alias + temp; GB = 1e9 bytes. Optimizers at the fine-tuning"
       f" defaults (APOLLO rank {FINETUNE_RANK}); bf16 rows keep bf16 moments."]
+  capacity = results["target"].get("memory_bytes")
+  if capacity:
+    parts[0] += (f" Device memory {capacity / 2**30:.0f} GiB"
+                 f" ({capacity / 1e9:.1f} GB): ✗ = more than that; OOM = the"
+                 " compiler refused the program (bytes it asked for, where"
+                 " its message gives them).")
   for name, r in results["models"].items():
     rows = [[VARIANTS[k].label, common.gb(e["params_bytes"]),
-             common.gb(e["opt_state_bytes"]), common.gb(e["temp_bytes"]),
-             f"**{common.gb(e['total_bytes'])}**", f"{e['compile_s']:.0f}"]
+             common.gb(e["opt_state_bytes"]),
+             "-" if e["oom"] else common.gb(e["temp_bytes"]),
+             _total_cell(e, capacity), f"{e['compile_s']:.0f}"]
             for k, e in r["variants"].items()]
     rows.append(["bf16 LoRA: frozen base weights alone",
                  common.gb(r["lora_base_bytes"]), "-", "-",
                  common.gb(r["lora_base_bytes"]), "-"])
     # The goal (issue 11) is about full fine-tuning: LoRA rows not counted.
-    full = [k for k in r["variants"] if not VARIANTS[k].lora]
+    full = [k for k, e in r["variants"].items()
+            if not VARIANTS[k].lora and not e["oom"]]
     best_key = min(full, key=lambda k: r["variants"][k]["total_bytes"])
     best = r["variants"][best_key]["total_bytes"]
     goal = ""
@@ -258,12 +266,24 @@ def report(results: dict[str, Any]) -> str:
       " `--target h100` with the `accel` environment to compile for one)."
       f" LoRA rows: rank {LORA.rank}, alpha {LORA.alpha:g}, adapters on all"
       " seven projections; the step differentiates the adapters only, so no"
-      " gradient of a frozen weight is computed or held. On XLA:CPU a bf16"
-      " dot is computed in f32 and the bf16 base's layer stacks are converted"
-      " to f32 whole, outside the scanned loop (f32[L, in, out] loop operands"
-      " in the compiled HLO): most of the bf16 LoRA row's temp; the int8 base"
-      " is dequantized inside the loop, one layer at a time.")
+      " gradient of a frozen weight is computed or held.")
+  if results["target"]["name"] == "cpu":
+    parts[-1] += (
+        " On XLA:CPU a bf16 dot is computed in f32 and the bf16 base's layer"
+        " stacks are converted to f32 whole, outside the scanned loop"
+        " (f32[L, in, out] loop operands in the compiled HLO): most of the"
+        " bf16 LoRA row's temp; the int8 base is dequantized inside the loop,"
+        " one layer at a time.")
   return "\n\n".join(parts)
+
+
+def _total_cell(entry: dict[str, Any], capacity: int | None) -> str:
+  """Total bytes in bold, ✗ above the device memory; OOM when refused."""
+  if entry["oom"]:
+    asked = entry.get("total_bytes")
+    return "OOM" + (f" ({common.gb(asked)})" if asked else "")
+  over = " ✗" if capacity and entry["total_bytes"] > capacity else ""
+  return f"**{common.gb(entry['total_bytes'])}**{over}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -1,0 +1,41 @@
+"""The fine-tuning memory report for accelerator targets (no compile)."""
+
+import pytest
+
+from benchmarks import finetune_memory
+
+
+def _entry(total=None, oom=False):
+  entry = {"oom": oom, "params_bytes": 16e9, "opt_state_bytes": 4e9,
+           "compile_s": 30.0}
+  if total is not None:
+    entry["total_bytes"] = total
+  if not oom:
+    entry["temp_bytes"] = total - 20e9
+  return entry
+
+
+@pytest.mark.parametrize("target,capacity", [("tpu_v5p", 95 * 10**9),
+                                             ("h100", 80 * 2**30)])
+def test_report_marks_over_capacity_and_oom(target, capacity):
+  results = {"batch": 1, "seq_len": 1024, "target": {
+      "name": target, "memory_bytes": capacity}, "models": {"llama-3.1-8b": {
+          "param_count": 8.03e9, "lora_base_bytes": 16.06e9, "variants": {
+              "adamw_f32": _entry(126.2e9, oom=(target == "tpu_v5p")),
+              "adamw_bf16": _entry(capacity + 1e9),
+              "apollo_mini": _entry(60e9),
+              "lora_bf16": _entry(30e9)}}}}
+  text = finetune_memory.report(results)
+  lines = {line.split(" | ")[0].strip("| "): line
+           for line in text.splitlines() if line.startswith("| ")}
+  if target == "tpu_v5p":
+    assert "| OOM (126.20) |" in lines["AdamW (f32 master weights + moments)"]
+  else:
+    assert "**126.20** ✗" in lines["AdamW (f32 master weights + moments)"]
+  assert "**" + f"{(capacity + 1e9) / 1e9:.2f}" + "** ✗" in lines[
+      "AdamW, pure bf16"]
+  assert "**60.00** |" in lines["APOLLO-Mini, bf16"]
+  # The smallest full fine-tuning row skips OOM and LoRA rows.
+  assert "Smallest full fine-tuning: APOLLO-Mini, bf16, 60.00 GB" in text
+  assert f"Device memory {capacity / 2**30:.0f} GiB" in text
+  assert "On XLA:CPU" not in text
