@@ -450,6 +450,54 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
   return out
 
 
+GOAL_POINTS = 0.02  # Accuracy within 2 points of AdamW's best ...
+GOAL_SPEED = 0.95  # ... and tokens/s at least 0.95x AdamW's (issue 23).
+GOAL_METHODS = ("apollo", "apollo_mini")
+
+
+def goal_checks(best: dict[str, dict[str, Any]],
+                speed_data: dict[str, Any] | None) -> list[dict[str, Any]]:
+  """Issue 23's goals for APOLLO and APOLLO-Mini, each at its best lr.
+
+  Per task, the method's exact match (mean over seeds) against AdamW's best
+  lr (mean over seeds): met when it is at most ``max(2 points, the range of
+  AdamW's seeds, the range of the method's seeds)`` below it; and against
+  LoRA's best lr: met when at or above it. Speed: tokens/s at least
+  ``GOAL_SPEED`` x AdamW's. A check whose runs are missing is left out.
+  """
+  def stats(method: str, task: str) -> tuple[float, float] | None:
+    if method not in best:
+      return None
+    values = [r["tasks"][task]["exact"] for r in best[method]["runs"]]
+    return sum(values) / len(values), max(values) - min(values)
+
+  checks = []
+  for method in GOAL_METHODS:
+    for task in TASKS:
+      ours = stats(method, task)
+      if ours is None:
+        continue
+      for ref in ("adamw", "lora"):
+        theirs = stats(ref, task)
+        if theirs is None:
+          continue
+        if ref == "adamw":
+          margin = max(GOAL_POINTS, ours[1], theirs[1])
+          met, goal = ours[0] >= theirs[0] - margin, (
+              f"within {100 * margin:.1f} points of AdamW")
+        else:
+          met, goal = ours[0] >= theirs[0], "at or above LoRA"
+        checks.append(dict(method=method, what=f"{task} exact %", goal=goal,
+                           ours=100 * ours[0], theirs=100 * theirs[0],
+                           met=met))
+    if speed_data and method in speed_data["vs_adamw"]:
+      ratio = speed_data["vs_adamw"][method]
+      checks.append(dict(method=method, what="tokens/s x AdamW",
+                         goal=f">= {GOAL_SPEED}", ours=ratio, theirs=1.0,
+                         met=ratio >= GOAL_SPEED))
+  return checks
+
+
 def write_report(args, work: pathlib.Path) -> None:
   """benchmarks/results/finetune_real.{json,md} from the finished runs."""
   from benchmarks import common  # pylint: disable=g-import-not-at-top
@@ -496,6 +544,15 @@ def write_report(args, work: pathlib.Path) -> None:
               "range)", common.markdown_table(
                   ["method", "best lr", "seeds"] +
                   [f"{t} exact %" for t in TASKS], brows)]
+  checks = goal_checks(best, speed_data)
+  if checks:
+    parts += ["### Goals (issue 23), each method at its best lr, means over "
+              "seeds", common.markdown_table(
+                  ["method", "measure", "goal", "method's", "reference's",
+                   "met"],
+                  [[c["method"], c["what"], c["goal"], f"{c['ours']:.2f}",
+                    f"{c['theirs']:.2f}", "yes" if c["met"] else "**no**"]
+                   for c in checks])]
   if speed_data:
     parts += ["### Training speed (tokens/s: best per-round median of "
               f"{speed_data['steps_per_round']} steps, {speed_data['rounds']}"

@@ -54,3 +54,31 @@ def test_best_lr_needs_the_whole_sweep_and_breaks_ties_by_loss():
   results["c"] = run(lrs[2], 0.4, 0.1)
   results["d"] = run(lrs[2], 0.9, 0.1, seed=1)  # Second seeds do not vote.
   assert fr.best_lr(results, "apollo") == lrs[1]
+
+
+def _best(method, lr, *per_seed):
+  return {"lr": lr, "runs": [
+      {"method": method, "lr": lr, "seed": seed,
+       "tasks": {"add3": {"exact": add3}, "iso3": {"exact": iso3}}}
+      for seed, (add3, iso3) in enumerate(per_seed)]}
+
+
+def test_goal_checks_use_two_points_or_the_seed_range():
+  best = {"adamw": _best("adamw", 1e-4, (0.70, 0.15), (0.60, 0.15)),
+          "apollo": _best("apollo", 3e-4, (0.60, 0.13), (0.58, 0.12)),
+          "lora": _best("lora", 3e-4, (0.60, 0.10), (0.62, 0.10))}
+  checks = {(c["method"], c["what"], c["goal"].split()[0]): c
+            for c in fr.goal_checks(best, {"vs_adamw": {"apollo": 0.94}})}
+  # add3: AdamW 65 +- 10-point seed range: APOLLO's 59 is within it.
+  add3 = checks[("apollo", "add3 exact %", "within")]
+  assert add3["met"] and add3["goal"] == "within 10.0 points of AdamW"
+  assert add3["ours"] == pytest.approx(59.0)
+  assert add3["theirs"] == pytest.approx(65.0)
+  # iso3: no seed spread above 2 points: 12.5 vs 15 misses.
+  iso3 = checks[("apollo", "iso3 exact %", "within")]
+  assert not iso3["met"] and iso3["goal"] == "within 2.0 points of AdamW"
+  assert not checks[("apollo", "add3 exact %", "at")]["met"]  # 59 < 61
+  assert checks[("apollo", "iso3 exact %", "at")]["met"]  # 12.5 >= 10
+  assert not checks[("apollo", "tokens/s x AdamW", ">=")]["met"]
+  # No APOLLO-Mini runs: no checks for it.
+  assert not any(method == "apollo_mini" for method, _, _ in checks)
