@@ -118,12 +118,16 @@ ACCEL_RUN := JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(ACCEL_PY)
 
 accel-env: .venv-accel/.installed
 
-# Claims a-c (benchmarks/accel_claims.py) and the update cost model
-# (benchmarks/update_cost.py). Each compile of a 7B/13B step takes 20 s to
+# Claims a-c (benchmarks/accel_claims.py), the update cost model
+# (benchmarks/update_cost.py) and Llama-3.1-8B fine-tuning memory
+# (benchmarks/finetune_memory.py). Each compile of a 7B/13B step takes 20 s to
 # 5 min on 2 cores (TPU the slowest); the whole set is hours on this machine.
 bench-accel: accel-env
 	$(ACCEL_RUN) -m benchmarks.accel_claims --targets h100 a100 tpu_v5p
 	$(ACCEL_RUN) -m benchmarks.update_cost --targets h100 a100
+	for t in h100 a100 tpu_v5p; do \
+	  $(ACCEL_RUN) -m benchmarks.finetune_memory --target $$t --models llama-3.1-8b || exit 1; \
+	done
 
 # Tiny Hugging Face checkpoints for tests/apollo_lm/test_hf.py, written by
 # transformers itself in the side venv (never a project dependency), plus the
