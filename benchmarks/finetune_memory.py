@@ -218,7 +218,8 @@ def report(results: dict[str, Any]) -> str:
       f" apollo_lm.finetune` runs), batch {results['batch']}, sequence"
       f" {results['seq_len']}, remat, bf16 compute, packed SFT rows (loss mask,"
       " segment ids, positions); `memory_analysis()` of"
-      f" {results['target']['name']} (nothing allocated). total = argument +"
+      f" {_compiled_for(results['target'])}, nothing allocated. total ="
+      " argument +"
       " output - alias + temp; GB = 1e9 bytes. Optimizers at the fine-tuning"
       f" defaults (APOLLO rank {FINETUNE_RANK}); bf16 rows keep bf16 moments."]
   capacity = results["target"].get("memory_bytes")
@@ -261,20 +262,32 @@ def report(results: dict[str, Any]) -> str:
       " = 4.2 GB, most of APOLLO-Mini's state, hence the frozen rows. Llama-3.2-1B"
       " ties its head to the embedding, so freezing the embedding freezes both."
       " Int8 weights keep the embedding, head and norms in bf16. The ordinary"
-      " (not layer-wise) steps hold the whole gradient; XLA:CPU's buffer"
-      " assignment is not a GPU allocator's, so totals on a GPU differ (use"
-      " `--target h100` with the `accel` environment to compile for one)."
+      " (not layer-wise) steps hold the whole gradient."
       f" LoRA rows: rank {LORA.rank}, alpha {LORA.alpha:g}, adapters on all"
       " seven projections; the step differentiates the adapters only, so no"
       " gradient of a frozen weight is computed or held.")
   if results["target"]["name"] == "cpu":
     parts[-1] += (
+        " XLA:CPU's buffer assignment is not a GPU allocator's, so totals on a"
+        " GPU differ (`--target h100` with the `accel` environment compiles"
+        " for one: `make bench-accel`)."
         " On XLA:CPU a bf16 dot is computed in f32 and the bf16 base's layer"
         " stacks are converted to f32 whole, outside the scanned loop"
         " (f32[L, in, out] loop operands in the compiled HLO): most of the"
         " bf16 LoRA row's temp; the int8 base is dequantized inside the loop,"
         " one layer at a time.")
   return "\n\n".join(parts)
+
+
+def _compiled_for(target: dict[str, Any]) -> str:
+  """Which compiler made the figures: this CPU, or a target's own."""
+  if target["name"] == "cpu":
+    return "XLA:CPU"
+  versions = ", ".join(f"{k} {v}" for k, v in
+                       target.get("compiler_versions", {}).items())
+  ptxas = f"; {target['ptxas']}" if target.get("ptxas") else ""
+  return (f"XLA's program for one {target.get('device_kind', target['name'])}"
+          f" ({versions}{ptxas}; compiled here, no device)")
 
 
 def _total_cell(entry: dict[str, Any], capacity: int | None) -> str:
