@@ -39,3 +39,13 @@ def test_report_marks_over_capacity_and_oom(target, capacity):
   assert "Smallest full fine-tuning: APOLLO-Mini, bf16, 60.00 GB" in text
   assert f"Device memory {capacity / 2**30:.0f} GiB" in text
   assert "On XLA:CPU" not in text
+
+
+def test_report_with_only_a_refused_variant():
+  results = {"batch": 1, "seq_len": 1024, "target": {
+      "name": "tpu_v5p", "memory_bytes": 95 * 10**9}, "models": {
+          "llama-3.1-8b": {"param_count": 8.03e9, "lora_base_bytes": 16.06e9,
+                           "variants": {"adamw_f32": _entry(oom=True)}}}}
+  text = finetune_memory.report(results)
+  assert "| OOM |" in text
+  assert "No full fine-tuning variant compiled." in text
