@@ -537,13 +537,18 @@ def write_report(args, work: pathlib.Path) -> None:
     brows = []
     for method, b in best.items():
       exact = {t: [r["tasks"][t]["exact"] for r in b["runs"]] for t in TASKS}
+      mean = lambda key: sum(r[key] for r in b["runs"]) / len(b["runs"])
       brows.append([method, f"{b['lr']:g}", str(len(b["runs"]))] + [
           f"{_pct(sum(v) / len(v))} ({_pct(min(v))}-{_pct(max(v))})"
-          for v in exact.values()])
+          for v in exact.values()] + [
+              f"{mean('completion_loss'):.3f}",
+              f"{mean('general_text_loss') - base['general_text_loss']:+.3f}"])
     parts += ["### Best learning rate of each method (mean over seeds, "
               "range)", common.markdown_table(
                   ["method", "best lr", "seeds"] +
-                  [f"{t} exact %" for t in TASKS], brows)]
+                  [f"{t} exact %" for t in TASKS] +
+                  ["held-out completion loss", "general text loss change"],
+                  brows)]
   checks = goal_checks(best, speed_data)
   if checks:
     parts += ["### Goals (issue 23), each method at its best lr, means over "
