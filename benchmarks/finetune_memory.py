@@ -325,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "add (or re-measure) --variants only; the earlier "
                       "runs' metadata is kept under earlier_runs")
   args = parser.parse_args(argv)
+  if args.target != "cpu" and args.out_name == "finetune_memory":
+    args.out_name = f"finetune_memory_{args.target}"
   stem = pathlib.Path(args.out_dir, args.out_name)
   if args.report_only:
     results = json.loads(stem.with_suffix(".json").read_text())
@@ -336,10 +338,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   target = targets.get(args.target)
   results: dict[str, Any] = {"batch": BATCH, "seq_len": args.seq_len, "models": {},
                              "target": targets.describe(target)}
-  if args.target != "cpu" and args.out_name == "finetune_memory":
-    args.out_name = f"finetune_memory_{args.target}"
   if args.add and stem.with_suffix(".json").is_file():
     earlier = json.loads(stem.with_suffix(".json").read_text())
+    if earlier["target"]["name"] != args.target:
+      parser.error(f"--add: {stem.with_suffix('.json')} holds --target "
+                   f"{earlier['target']['name']} results, not {args.target}; "
+                   "pass --out-name for a separate file.")
     results["models"] = earlier["models"]
     results["earlier_runs"] = (earlier.get("earlier_runs", [])
                                + [earlier["metadata"]])

@@ -1,5 +1,7 @@
 """The fine-tuning memory report for accelerator targets (no compile)."""
 
+import json
+
 import pytest
 
 from benchmarks import finetune_memory
@@ -49,3 +51,32 @@ def test_report_with_only_a_refused_variant():
   text = finetune_memory.report(results)
   assert "| OOM |" in text
   assert "No full fine-tuning variant compiled." in text
+
+
+def _results_file(path, target):
+  path.write_text(json.dumps({
+      "batch": 1, "seq_len": 1024, "target": {"name": target},
+      "metadata": {
+          "command": "python -m benchmarks.finetune_memory",
+          "date_utc": "2026-12-07", "git_commit": "abc",
+          "git_modified_files": [], "hardware": {
+              "cpu_model": "cpu", "cpus": 2, "memory_gib": 23.5,
+              "backend": "cpu"}, "versions": {
+                  k: "1" for k in ("python", "jax", "jaxlib", "optax", "flax",
+                                   "apollo_optax")}},
+      "models": {"llama-3.1-8b": {
+          "param_count": 8.03e9, "lora_base_bytes": 16.06e9,
+          "variants": {"apollo_mini": _entry(60e9)}}}}))
+
+
+def test_a_target_reads_and_adds_to_its_own_file(tmp_path):
+  _results_file(tmp_path / "finetune_memory_h100.json", "h100")
+  results = finetune_memory.main(["--report-only", "--target", "h100",
+                                  "--out-dir", str(tmp_path)])
+  assert results["target"]["name"] == "h100"
+  assert "**60.00**" in (tmp_path / "finetune_memory_h100.md").read_text()
+  assert not (tmp_path / "finetune_memory.md").exists()
+  # --add refuses to merge into another target's results.
+  _results_file(tmp_path / "finetune_memory.json", "h100")
+  with pytest.raises(SystemExit):
+    finetune_memory.main(["--add", "--out-dir", str(tmp_path)])
