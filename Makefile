@@ -172,4 +172,6 @@ bench-finetune-real: $(STAMP)
 	  $$(pin 1) $(PY) -m benchmarks.finetune_real --shard 1/2 --work-dir .cache/finetune_real/1 & p2=$$!; \
 	  wait $$p1 && wait $$p2 || exit 1; \
 	done
-	$(PY) -m benchmarks.finetune_real --memory --speed --report
+	# Speed on one core, as each run had (interleaved in one process).
+	pin() { command -v taskset >/dev/null && echo "taskset -c $$1"; }; \
+	$$(pin 0) $(PY) -m benchmarks.finetune_real --memory --speed --report

@@ -47,6 +47,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import pathlib
 import pkgutil
 import random
@@ -401,6 +402,8 @@ def speed(args, work: pathlib.Path) -> dict[str, Any]:
   best = {m: tokens / t["best_median_s"] for m, t in timings.items()}
   return {"timings": timings, "best_tokens_per_s": best,
           "steps_per_round": args.speed_steps, "rounds": args.speed_rounds,
+          "cpu_cores": (len(os.sched_getaffinity(0))  # Linux: taskset's.
+                        if hasattr(os, "sched_getaffinity") else os.cpu_count()),
           "vs_adamw": ({m: v / best["adamw"] for m, v in best.items()}
                        if "adamw" in best else {})}
 
@@ -561,7 +564,9 @@ def write_report(args, work: pathlib.Path) -> None:
   if speed_data:
     parts += ["### Training speed (tokens/s: best per-round median of "
               f"{speed_data['steps_per_round']} steps, {speed_data['rounds']}"
-              " interleaved rounds, one process)", common.markdown_table(
+              " interleaved rounds, one process"
+              + (f" on {speed_data['cpu_cores']} core(s)"
+                 if "cpu_cores" in speed_data else "") + ")", common.markdown_table(
                   ["method", "tokens/s", "x AdamW"],
                   [[m, f"{v:.0f}", f"{speed_data['vs_adamw'].get(m, 0):.2f}"]
                    for m, v in speed_data["best_tokens_per_s"].items()])]
