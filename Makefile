@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# "taskset -c N" where taskset exists: pins a benchmark process to core N.
+pin = $(if $(shell command -v taskset),taskset -c $(1))
+
 .PHONY: setup test test-fast test-floor dist docs demo bench bench-quality bench-torch accel-env bench-accel hf-fixtures smollm2 bench-finetune bench-finetune-real clean
 
 $(STAMP): pyproject.toml
@@ -89,9 +92,8 @@ bench: $(STAMP)
 # Measured: 42 runs, 2.05 CPU-hours (76 min wall on 2 shared cores); two
 # processes, one per core. Finished runs are skipped on a rerun.
 bench-quality: $(STAMP)
-	pin() { command -v taskset >/dev/null && echo "taskset -c $$1"; }; \
-	$$(pin 0) $(PY) -m benchmarks.quality --configs tiny & p1=$$!; \
-	$$(pin 1) $(PY) -m benchmarks.quality --configs 20m --no-ablations & p2=$$!; \
+	$(call pin,0) $(PY) -m benchmarks.quality --configs tiny & p1=$$!; \
+	$(call pin,1) $(PY) -m benchmarks.quality --configs 20m --no-ablations & p2=$$!; \
 	wait $$p1 && wait $$p2
 	$(PY) -m benchmarks.quality --report-only
 
@@ -166,12 +168,10 @@ bench-finetune: $(STAMP)
 bench-finetune-real: $(STAMP)
 	test -f .cache/smollm2/config.json || $(MAKE) smollm2
 	# Two passes: the second runs the second seeds that need the whole sweep.
-	pin() { command -v taskset >/dev/null && echo "taskset -c $$1"; }; \
 	for pass in 1 2; do \
-	  $$(pin 0) $(PY) -m benchmarks.finetune_real --shard 0/2 --work-dir .cache/finetune_real/0 & p1=$$!; \
-	  $$(pin 1) $(PY) -m benchmarks.finetune_real --shard 1/2 --work-dir .cache/finetune_real/1 & p2=$$!; \
+	  $(call pin,0) $(PY) -m benchmarks.finetune_real --shard 0/2 --work-dir .cache/finetune_real/0 & p1=$$!; \
+	  $(call pin,1) $(PY) -m benchmarks.finetune_real --shard 1/2 --work-dir .cache/finetune_real/1 & p2=$$!; \
 	  wait $$p1 && wait $$p2 || exit 1; \
 	done
 	# Speed on one core, as each run had (interleaved in one process).
-	pin() { command -v taskset >/dev/null && echo "taskset -c $$1"; }; \
-	$$(pin 0) $(PY) -m benchmarks.finetune_real --memory --speed --report
+	$(call pin,0) $(PY) -m benchmarks.finetune_real --memory --speed --report

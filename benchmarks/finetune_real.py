@@ -453,6 +453,11 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
   return out
 
 
+def _exact(runs: Sequence[dict[str, Any]], task: str) -> list[float]:
+  """Exact match on ``task`` of each run (seed)."""
+  return [r["tasks"][task]["exact"] for r in runs]
+
+
 GOAL_POINTS = 0.02  # Accuracy within 2 points of AdamW's best ...
 GOAL_SPEED = 0.95  # ... and tokens/s at least 0.95x AdamW's (issue 23).
 GOAL_METHODS = ("apollo", "apollo_mini")
@@ -471,7 +476,7 @@ def goal_checks(best: dict[str, dict[str, Any]],
   def stats(method: str, task: str) -> tuple[float, float] | None:
     if method not in best:
       return None
-    values = [r["tasks"][task]["exact"] for r in best[method]["runs"]]
+    values = _exact(best[method]["runs"], task)
     return sum(values) / len(values), max(values) - min(values)
 
   checks = []
@@ -539,7 +544,7 @@ def write_report(args, work: pathlib.Path) -> None:
   if best:
     brows = []
     for method, b in best.items():
-      exact = {t: [r["tasks"][t]["exact"] for r in b["runs"]] for t in TASKS}
+      exact = {t: _exact(b["runs"], t) for t in TASKS}
       mean = lambda key: sum(r[key] for r in b["runs"]) / len(b["runs"])
       brows.append([method, f"{b['lr']:g}", str(len(b["runs"]))] + [
           f"{_pct(sum(v) / len(v))} ({_pct(min(v))}-{_pct(max(v))})"
